@@ -1,0 +1,162 @@
+"""
+Checks train_gpt2.py against PyTorch, as llm.c's test_gpt2.c checks train_gpt2.c.
+
+A debug state written by PyTorch holds one batch (x, y), the logits and the loss PyTorch computed
+for it, and the gradients of all 16 parameter tensors. We run one forward and backward pass of our
+own on the same batch and compare, tensor by tensor; then 10 AdamW steps on that batch, comparing
+each step's loss with PyTorch's.
+
+    python test_gpt2.py        # gpt2_124M.bin + gpt2_124M_debug_state.bin from llm.c's starter pack
+    python test_gpt2.py --checkpoint tests/fixtures/tiny_gpt2.bin \\
+        --state tests/fixtures/tiny_gpt2_debug_state.bin \\
+        --expected-losses tests/fixtures/tiny_gpt2_expected_losses.json
+
+It ends with `overall okay: 1` (exit 0) or `overall okay: 0` (exit 1).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import train_gpt2 as tg
+
+# the losses of 10 AdamW steps that PyTorch computes on the official GPT-2 124M debug state,
+# as published in llm.c's test_gpt2.c
+LLMC_EXPECTED_LOSSES = [5.270007, 4.059707, 3.375123, 2.800783, 2.315382,
+                        1.849029, 1.394656, 0.999147, 0.624080, 0.376511]
+
+STATE_MAGIC, STATE_VERSION = 20240327, 2
+
+
+def read_debug_state(path, config):
+    # llm.c's debug state: a 256-int32 header (magic, version, B, T), then x and y (B,T) int32,
+    # logits (B,T,V) float32, the loss, and the gradients in the checkpoint's layout
+    if not os.path.isfile(path):
+        raise tg.InputError(f"debug state {path} not found: get gpt2_124M_debug_state.bin from llm.c's starter "
+                            f"pack, or write one with dev/make_reference.py")
+    with open(path, "rb") as f:
+        header = tg.read_header(path, f, "debug state")
+        if header[0] != STATE_MAGIC:
+            raise tg.InputError(f"{path}: bad magic {header[0]}, expected {STATE_MAGIC} (an llm.c debug state)")
+        if header[1] != STATE_VERSION:
+            raise tg.InputError(f"{path}: unsupported debug state version {header[1]}, expected {STATE_VERSION}; "
+                                f"re-run llm.c's train_gpt2.py to regenerate it")
+        B, T = int(header[2]), int(header[3])
+        V, n = config.vocab_size, tg.num_parameters(config)
+        expected_size = tg.HEADER_INTS * 4 + (2 * B * T + B * T * V + 1 + n) * 4
+        actual_size = os.fstat(f.fileno()).st_size
+        if B <= 0 or T <= 0 or actual_size != expected_size:
+            raise tg.InputError(f"{path}: file is {actual_size} bytes, but B={B}, T={T} and the checkpoint's "
+                                f"shape (V={V}, {n} parameters) imply {expected_size}: "
+                                f"is it the debug state of this checkpoint?")
+        x = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
+        y = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
+        logits = np.fromfile(f, dtype="<f4", count=B * T * V).reshape(B, T, V)
+        loss = float(np.fromfile(f, dtype="<f4", count=1)[0])
+        grads_memory = np.fromfile(f, dtype="<f4", count=n)
+    return x, y, logits, loss, tg.point_parameters(grads_memory, config)
+
+
+def read_expected_losses(path):
+    try:
+        with open(path) as f:
+            losses = json.load(f)["losses"]
+        if len(losses) != 10 or not all(isinstance(v, (int, float)) for v in losses):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise tg.InputError(f"{path}: expected a JSON file {{\"losses\": [10 numbers]}}") from None
+    return [float(v) for v in losses]
+
+
+def check_tensor(a, b, label, tol):
+    # poor man's tensor checker, as llm.c's: print the first few pairs, then the largest difference
+    a, b = a.ravel(), b.ravel()
+    diff = np.abs(a.astype(np.float64) - b)
+    ok = bool(np.all(diff <= tol))
+    print(label)
+    for i in range(min(5, a.size)):
+        print(f"{'OK' if diff[i] <= tol else 'NOT OK'} {a[i]:f} {b[i]:f}")
+    maxdiff = float(diff.max())
+    print(f"TENSOR {'OK' if ok else 'NOT OK'}, maxdiff = {maxdiff:e}")
+    return ok, maxdiff
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Compare train_gpt2.py with a PyTorch debug state, as llm.c's test_gpt2.c does.")
+    parser.add_argument("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint")
+    parser.add_argument("--state", default="gpt2_124M_debug_state.bin", help="llm.c debug state written by PyTorch")
+    parser.add_argument("--expected-losses", metavar="FILE",
+                        help='JSON {"losses": [10 floats]} of the 10 AdamW steps (default: llm.c\'s published '
+                             'values, which belong to the official GPT-2 124M state)')
+    parser.add_argument("--logits-tol", type=float, default=1e-2, help="max abs difference of logits (llm.c: 1e-2)")
+    parser.add_argument("--loss-tol", type=float, default=1e-2, help="max abs difference of the loss and of each step's loss (llm.c: 1e-2)")
+    parser.add_argument("--grad-tol", type=float, default=2e-2, help="max abs difference of gradients (llm.c: 2e-2)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    model = tg.gpt2_build_from_checkpoint(args.checkpoint)
+    c = model.config
+    print(f"[GPT-2] max_seq_len: {c.max_seq_len}, vocab_size: {c.vocab_size}, padded_vocab_size: "
+          f"{c.padded_vocab_size}, num_layers: {c.num_layers}, num_heads: {c.num_heads}, channels: {c.channels}")
+    x, y, expected_logits, expected_loss, expected_grads = read_debug_state(args.state, c)
+    B, T = x.shape
+    print(f"[State] batch_size: {B}, seq_len: {T}")
+    if args.expected_losses:
+        expected_losses = read_expected_losses(args.expected_losses)
+        print(f"expected losses: {args.expected_losses}")
+    else:
+        expected_losses = LLMC_EXPECTED_LOSSES
+        print("expected losses: llm.c's published values for the GPT-2 124M debug state")
+    if not (0 <= x.min() and x.max() < c.vocab_size and 0 <= y.min() and y.max() < c.vocab_size):
+        raise tg.InputError(f"{args.state}: token ids outside [0, {c.vocab_size}), the checkpoint's vocabulary")
+
+    allok = True
+    margins = {}
+    for step in range(10):
+        t0 = time.perf_counter()
+        loss = tg.gpt2_forward(model, x, y)
+        tg.gpt2_backward(model)
+        t1 = time.perf_counter()
+
+        if step == 0:
+            # check the logits (only the first V of the Vp columns are real), the loss, all gradients
+            logits = model.acts["logits"][..., :c.vocab_size]
+            logits_ok, margins["logits"] = check_tensor(logits, expected_logits, "logits", args.logits_tol)
+            allok &= logits_ok
+            margins["loss"] = abs(loss - expected_loss)
+            loss_ok = margins["loss"] <= args.loss_tol
+            print(f"LOSS {'OK' if loss_ok else 'MISMATCH'}: {loss:f} {expected_loss:f}")
+            allok &= loss_ok
+            grad_margins = {}
+            for name in model.grads:
+                ok, grad_margins[name] = check_tensor(model.grads[name], expected_grads[name], f"d{name}", args.grad_tol)
+                allok &= ok
+            worst = max(grad_margins, key=grad_margins.get)
+            margins["grads"] = grad_margins[worst]
+
+        tg.gpt2_update(model, 1e-4, 0.9, 0.999, 1e-8, 0.01, step + 1)
+        step_diff = abs(loss - expected_losses[step])
+        margins["step losses"] = max(margins.get("step losses", 0.0), step_diff)
+        step_ok = step_diff <= args.loss_tol
+        allok &= step_ok
+        print(f"step {step}: loss {loss:f} (took {(t1 - t0) * 1000:f} ms) OK = {int(step_ok)}")
+
+    print(f"max abs differences: logits {margins['logits']:.2e} (tol {args.logits_tol:g}), "
+          f"loss {margins['loss']:.2e} (tol {args.loss_tol:g}), "
+          f"gradients {margins['grads']:.2e} in d{worst} (tol {args.grad_tol:g}), "
+          f"step losses {margins['step losses']:.2e} (tol {args.loss_tol:g})")
+    print(f"overall okay: {int(allok)}")
+    return 0 if allok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except tg.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,234 @@
+"""Every layer's backward pass against float64 central finite differences, on small random shapes.
+
+For a layer out = f(x), backward(dout) should give d/dx of the scalar sum(out * dout) for a random
+dout. We compute that derivative numerically, one element at a time, and compare.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import train_gpt2 as tg
+
+RTOL, ATOL = 1e-6, 1e-8
+
+
+def numerical_grad(f, x, eps=1e-6):
+    # central differences of the scalar function f() with respect to every element of x (in place)
+    grad = np.zeros_like(x, dtype=np.float64)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f()
+        flat[i] = old - eps
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def assert_close(analytic, numeric):
+    np.testing.assert_allclose(analytic, numeric, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_encoder(rng):
+    B, T, C, Vp, maxT = 2, 3, 4, 7, 5
+    inp = np.array([[1, 3, 1], [6, 1, 0]])  # token 1 repeats: its gradients must add up
+    wte, wpe = rng.standard_normal((Vp, C)), rng.standard_normal((maxT, C))
+    dout = rng.standard_normal((B, T, C))
+    loss = lambda: float(np.sum(tg.encoder_forward(inp, wte, wpe)[0] * dout))
+    _, cache = tg.encoder_forward(inp, wte, wpe)
+    already = rng.standard_normal((Vp, C))  # the classifier's part of dwte, already in the buffer
+    dwte, dwpe = already.copy(), np.full((maxT, C), np.nan)
+    tg.encoder_backward(dout, cache, dwte, dwpe)
+    assert_close(dwte - already, numerical_grad(loss, wte))  # encoder_backward adds into dwte
+    assert_close(dwpe, numerical_grad(loss, wpe))  # and overwrites dwpe, zero beyond T
+
+
+def test_layernorm(rng):
+    B, T, C = 2, 3, 8
+    inp = rng.standard_normal((B, T, C)) * 2 + 0.5
+    weight, bias = rng.standard_normal(C), rng.standard_normal(C)
+    dout = rng.standard_normal((B, T, C))
+    loss = lambda: float(np.sum(tg.layernorm_forward(inp, weight, bias)[0] * dout))
+    out, cache = tg.layernorm_forward(inp, weight, bias)
+    # against the textbook formula too
+    expected = (inp - inp.mean(-1, keepdims=True)) / np.sqrt(inp.var(-1, keepdims=True) + 1e-5) * weight + bias
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    dweight, dbias = np.empty(C), np.empty(C)
+    dinp = tg.layernorm_backward(dout, cache, dweight, dbias)
+    assert_close(dinp, numerical_grad(loss, inp))
+    assert_close(dweight, numerical_grad(loss, weight))
+    assert_close(dbias, numerical_grad(loss, bias))
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_matmul(rng, has_bias):
+    B, T, C, OC = 2, 3, 5, 4
+    inp, weight = rng.standard_normal((B, T, C)), rng.standard_normal((OC, C))
+    bias = rng.standard_normal(OC) if has_bias else None
+    dout = rng.standard_normal((B, T, OC))
+    loss = lambda: float(np.sum(tg.matmul_forward(inp, weight, bias)[0] * dout))
+    out, cache = tg.matmul_forward(inp, weight, bias)
+    np.testing.assert_allclose(out, np.einsum("btc,oc->bto", inp, weight) + (bias if has_bias else 0), rtol=1e-12)
+    dweight = np.empty((OC, C))
+    dbias = np.empty(OC) if has_bias else None
+    dinp = tg.matmul_backward(dout, cache, dweight, dbias)
+    assert_close(dinp, numerical_grad(loss, inp))
+    assert_close(dweight, numerical_grad(loss, weight))
+    if has_bias:
+        assert_close(dbias, numerical_grad(loss, bias))
+
+
+def attention_naive(inp, NH):
+    # llm.c's loops, written out: the reference the vectorized attention_forward must agree with
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH
+    out = np.zeros((B, T, C))
+    for b in range(B):
+        for t in range(T):
+            for h in range(NH):
+                q = inp[b, t, h * hs:(h + 1) * hs]
+                scores = np.array([q @ inp[b, t2, C + h * hs:C + (h + 1) * hs] / math.sqrt(hs) for t2 in range(t + 1)])
+                w = np.exp(scores - scores.max())
+                w /= w.sum()
+                for t2 in range(t + 1):
+                    out[b, t, h * hs:(h + 1) * hs] += w[t2] * inp[b, t2, 2 * C + h * hs:2 * C + (h + 1) * hs]
+    return out
+
+
+def test_attention(rng):
+    B, T, C, NH = 2, 4, 6, 2
+    inp = rng.standard_normal((B, T, 3 * C))
+    dout = rng.standard_normal((B, T, C))
+    out, cache = tg.attention_forward(inp, NH)
+    np.testing.assert_allclose(out, attention_naive(inp, NH), rtol=1e-12, atol=1e-12)
+    att = cache[1]
+    assert np.all(np.triu(att, k=1) == 0)  # causal: nothing from the future
+    loss = lambda: float(np.sum(tg.attention_forward(inp, NH)[0] * dout))
+    assert_close(tg.attention_backward(dout, cache), numerical_grad(loss, inp))
+
+
+def test_gelu(rng):
+    x = rng.standard_normal((2, 3, 8)) * 3
+    dout = rng.standard_normal(x.shape)
+    out, cache = tg.gelu_forward(x)
+    np.testing.assert_allclose(out, 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))), rtol=1e-12)
+    loss = lambda: float(np.sum(tg.gelu_forward(x)[0] * dout))
+    assert_close(tg.gelu_backward(dout, cache), numerical_grad(loss, x))
+
+
+def test_residual(rng):
+    a, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    dout = rng.standard_normal((2, 3, 4))
+    out, cache = tg.residual_forward(a, b)
+    da, db = tg.residual_backward(dout, cache)
+    loss = lambda: float(np.sum(tg.residual_forward(a, b)[0] * dout))
+    assert_close(da, numerical_grad(loss, a))
+    assert_close(db, numerical_grad(loss, b))
+
+
+def test_softmax_crossentropy(rng):
+    B, T, V, Vp = 2, 3, 5, 8
+    logits = rng.standard_normal((B, T, Vp)) * 3
+    logits[..., V:] = 100.0  # padded columns must not take part, whatever they hold
+    targets = rng.integers(0, V, (B, T))
+    dlosses = rng.standard_normal((B, T))
+    probs = tg.softmax_forward(logits, V)
+    assert probs.shape == (B, T, V)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
+    losses = tg.crossentropy_forward(probs, targets)
+    expected = -np.log(np.exp(logits[..., :V]) / np.exp(logits[..., :V]).sum(-1, keepdims=True))
+    np.testing.assert_allclose(losses, np.take_along_axis(expected, targets[..., None], -1)[..., 0], rtol=1e-12)
+    loss = lambda: float(np.sum(tg.crossentropy_forward(tg.softmax_forward(logits, V), targets) * dlosses))
+    dlogits = tg.crossentropy_softmax_backward(dlosses, probs, targets, Vp)
+    assert dlogits.shape == (B, T, Vp)
+    assert np.all(dlogits[..., V:] == 0)
+    assert_close(dlogits, numerical_grad(loss, logits))
+
+
+def tiny_model(dtype, seed=0):
+    # a tiny GPT-2 (V not a multiple of 128, so the padding is exercised) with all weights random
+    config = tg.GPT2Config(max_seq_len=8, vocab_size=50, padded_vocab_size=128, num_layers=2, num_heads=2, channels=8)
+    rng = np.random.default_rng(seed)
+    model = tg.GPT2(config, (rng.standard_normal(tg.num_parameters(config)) * 0.3).astype(dtype))
+    model.params["wte"][config.vocab_size:] = 0.0
+    return model
+
+
+def test_whole_model_gradient():
+    model = tiny_model(np.float64)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (2, 5))
+    tg.gpt2_forward(model, x, y)
+    tg.gpt2_backward(model)
+    analytic = model.grads_memory.copy()
+    # every parameter tensor: a few elements of each (all of them would take a while)
+    loss = lambda: tg.gpt2_forward(model, x, y)
+    for name, grad in tg.point_parameters(analytic, model.config).items():
+        param = model.params[name].reshape(-1)
+        idx = rng.choice(param.size, size=min(20, param.size), replace=False)
+        if name == "wte":
+            idx = np.concatenate([idx, x.ravel(), y.ravel()])  # the rows that matter most
+        numeric = np.empty(idx.size)
+        for j, i in enumerate(idx):
+            old = param[i]
+            param[i] = old + 1e-6
+            plus = loss()
+            param[i] = old - 1e-6
+            minus = loss()
+            param[i] = old
+            numeric[j] = (plus - minus) / 2e-6
+        np.testing.assert_allclose(grad.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-9, err_msg=f"d{name}")
+    # the padded rows of wte get no gradient
+    assert np.all(model.grads["wte"][model.config.vocab_size:] == 0)
+
+
+def test_everything_stays_float32():
+    # NumPy 2 keeps float32 * Python float as float32, but a NumPy float64 scalar would silently upcast
+    model = tiny_model(np.float32)
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (2, 5))
+    tg.gpt2_forward(model, x, y)
+    tg.gpt2_backward(model)
+    tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+    assert model.acts["logits"].dtype == np.float32
+    assert model.acts["probs"].dtype == np.float32
+    for layer in model.acts["layers"]:
+        for cache in layer:
+            for item in cache:
+                if isinstance(item, np.ndarray) and item.dtype.kind == "f":
+                    assert item.dtype == np.float32
+    for memory in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory):
+        assert memory.dtype == np.float32
+
+
+def adamw_reference(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
+    # llm.c's gpt2_update, element by element
+    for i in range(param.size):
+        m[i] = beta1 * m[i] + (1 - beta1) * grad[i]
+        v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i]
+        m_hat = m[i] / (1 - beta1 ** t)
+        v_hat = v[i] / (1 - beta2 ** t)
+        param[i] -= lr * (m_hat / (math.sqrt(v_hat) + eps) + weight_decay * param[i])
+
+
+def test_adamw_matches_llmc_loop():
+    model = tiny_model(np.float64)
+    rng = np.random.default_rng(3)
+    n = model.params_memory.size
+    param, m, v = model.params_memory.copy(), np.zeros(n), np.zeros(n)
+    model.grads_memory = np.zeros(n)
+    for t in (1, 2, 3):
+        model.grads_memory[:] = rng.standard_normal(n)
+        tg.gpt2_update(model, 1e-2, 0.9, 0.999, 1e-8, 0.1, t)
+        adamw_reference(param, model.grads_memory, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, t)
+        np.testing.assert_allclose(model.params_memory, param, rtol=1e-12, atol=1e-15)

@@ -1,0 +1,674 @@
+"""
+Trains GPT-2 in NumPy: a port of llm.c's CPU reference, train_gpt2.c, that reads top to bottom.
+
+Every layer has a hand-written forward pass and, right below it, its backward pass. The model
+chains them into a forward pass, a backward pass and an AdamW update, exactly as llm.c does, and
+the main loop at the bottom fine-tunes GPT-2 on Tiny Shakespeare and samples from it.
+
+    python prepro_tinyshakespeare.py      # writes data/tiny_shakespeare_{train,val}.bin
+    python train_gpt2.py                  # fine-tunes gpt2_124M.bin (from llm.c's starter pack)
+    python train_gpt2.py --init d6        # or: trains a small GPT-2 from scratch, nothing downloaded
+
+What is deliberately left out, as in llm.c's reference: autograd, module classes, mixed
+precision, a GPU, multiple processes. What is added, each in its own small function: argument
+parsing, random initialization (--init), and writing the trained model back out (--output).
+Everything is float32, like the checkpoint; the files are llm.c's formats, byte for byte.
+"""
+
+import argparse
+import codecs
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# ----------------------------------------------------------------------------
+# all the individual layers' forward and backward passes
+# B = batch_size, T = sequence_length, C = channels, V = vocab_size, Vp = padded vocab size,
+# L = num_layers, NH = num_heads, hs = head size (C // NH), OC = output channels of a matmul
+#
+# Each forward returns (out, cache); the cache holds what its backward needs. Each backward takes
+# (dout, cache), writes the gradients of the layer's *parameters* into the buffers it is given
+# (the model's grads, like llm.c's dweight pointers), and returns the gradient of its *input*.
+
+
+def encoder_forward(inp, wte, wpe):
+    # inp is (B,T) token ids; wte is (Vp,C) token embeddings, wpe is (maxT,C) position embeddings
+    T = inp.shape[1]
+    out = wte[inp] + wpe[:T]  # (B,T,C) + (T,C) -> (B,T,C)
+    return out, inp
+
+
+def encoder_backward(dout, cache, dwte, dwpe):
+    # dout is (B,T,C). Unlike every other backward, this one *adds* into dwte: wte is tied to
+    # the classifier, whose matmul_backward has already written its part of the gradient there.
+    inp = cache
+    T = inp.shape[1]
+    # a token id can repeat in a batch: np.add.at adds every occurrence, dwte[inp] += dout would not
+    np.add.at(dwte, inp, dout)  # (Vp,C)
+    dwpe[:T] = dout.sum(axis=0)  # (T,C): each position's gradient, summed over the batch
+    dwpe[T:] = 0.0  # positions beyond T were not used
+
+
+def layernorm_forward(inp, weight, bias):
+    # inp is (B,T,C), weight and bias are (C,). Normalize each (b,t) vector, then scale and shift.
+    eps = 1e-5
+    mean = inp.mean(axis=-1, keepdims=True)  # (B,T,1)
+    xshift = inp - mean  # (B,T,C)
+    var = (xshift * xshift).mean(axis=-1, keepdims=True)  # (B,T,1), no bias correction
+    rstd = 1.0 / np.sqrt(var + eps)  # (B,T,1) reciprocal standard deviation
+    norm = xshift * rstd  # (B,T,C)
+    out = norm * weight + bias  # (B,T,C)
+    # keep only the cheap statistics; backward recomputes norm from inp (see llm.c's layernorm.md)
+    return out, (inp, weight, mean, rstd)
+
+
+def layernorm_backward(dout, cache, dweight, dbias):
+    inp, weight, mean, rstd = cache
+    norm = (inp - mean) * rstd  # (B,T,C), recomputed
+    # out = norm * weight + bias, so:
+    dout.sum(axis=(0, 1), out=dbias)  # (C,)
+    (dout * norm).sum(axis=(0, 1), out=dweight)  # (C,)
+    dnorm = dout * weight  # (B,T,C)
+    # norm = (inp - mean) * rstd, where mean and rstd depend on every inp[b,t,:] too. Through
+    # them the gradient loses its mean and its component along norm (see llm.c's layernorm.md):
+    dinp = dnorm - dnorm.mean(axis=-1, keepdims=True) - norm * (dnorm * norm).mean(axis=-1, keepdims=True)
+    dinp *= rstd  # (B,T,C)
+    return dinp
+
+
+def matmul_forward(inp, weight, bias):
+    # inp is (B,T,C), weight is (OC,C) as in PyTorch's nn.Linear, bias is (OC,) or None
+    B, T, C = inp.shape
+    OC = weight.shape[0]
+    # flattening (B,T) into rows makes this one large matrix product, which BLAS does at full speed
+    out = inp.reshape(B * T, C) @ weight.T  # (B*T,C) @ (C,OC) -> (B*T,OC)
+    if bias is not None:
+        out += bias
+    return out.reshape(B, T, OC), (inp, weight)
+
+
+def matmul_backward(dout, cache, dweight, dbias):
+    # dout is (B,T,OC); writes dweight (OC,C) and dbias (OC,) unless it is None
+    inp, weight = cache
+    B, T, C = inp.shape
+    OC = weight.shape[0]
+    dout2d = dout.reshape(B * T, OC)  # (B*T,OC)
+    # out = inp @ weight.T + bias, so:
+    dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
+    np.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
+    if dbias is not None:
+        dout2d.sum(axis=0, out=dbias)  # (OC,)
+    return dinp.reshape(B, T, C)
+
+
+def attention_forward(inp, NH):
+    # inp is (B,T,3C): the query, key and value vectors of every position, side by side.
+    # Attention is the only layer that mixes information across time (never across the batch).
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH  # head size
+    q, k, v = inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (B,T,3C) -> 3 x (B,NH,T,hs)
+    preatt = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))  # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+    # causal mask: position t may only look at positions t2 <= t
+    causal = np.tri(T, dtype=bool)  # (T,T), True on and below the diagonal
+    preatt = np.where(causal, preatt, -np.inf)  # (B,NH,T,T)
+    # softmax over t2; the max is subtracted only for numerical stability
+    att = np.exp(preatt - preatt.max(axis=-1, keepdims=True))  # (B,NH,T,T), exp(-inf) = 0
+    att /= att.sum(axis=-1, keepdims=True)
+    out = att @ v  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
+    out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble all head outputs side by side
+    return out, (inp, att, NH)
+
+
+def attention_backward(dout, cache):
+    # dout is (B,T,C); returns dinp (B,T,3C)
+    inp, att, NH = cache
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # 3 x (B,NH,T,hs)
+    dout = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,NH,T,hs)
+    # in the forward pass this was: out = att @ v, so now we have:
+    datt = dout @ v.swapaxes(-1, -2)  # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+    dv = att.swapaxes(-1, -2) @ dout  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
+    # att = softmax(preatt): d preatt[t3] = sum_t2 att[t2] * (1[t2==t3] - att[t3]) * datt[t2].
+    # Masked entries have att = 0, so they get no gradient, as they should.
+    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B,NH,T,T)
+    # preatt = (q @ k^T) * scale, so:
+    dq = (dpreatt @ k) * scale  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
+    dk = (dpreatt.swapaxes(-1, -2) @ q) * scale  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
+    dinp = np.stack([dq, dk, dv])  # (3,B,NH,T,hs)
+    return dinp.transpose(1, 3, 0, 2, 4).reshape(B, T, C3)  # (3,B,NH,T,hs) -> (B,T,3C)
+
+
+GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
+
+
+def gelu_forward(inp):
+    # the tanh approximation of GeLU that GPT-2 uses, elementwise on (B,T,4C)
+    cube = 0.044715 * inp * inp * inp
+    out = 0.5 * inp * (1.0 + np.tanh(GELU_SCALING_FACTOR * (inp + cube)))
+    return out, inp
+
+
+def gelu_backward(dout, cache):
+    x = cache
+    cube = 0.044715 * x * x * x
+    tanh_out = np.tanh(GELU_SCALING_FACTOR * (x + cube))
+    sech2 = 1.0 - tanh_out * tanh_out  # sech^2 = 1 / cosh^2 = 1 - tanh^2
+    # d/dx of 0.5 * x * (1 + tanh(s * (x + 0.044715 x^3))):
+    local_grad = 0.5 * (1.0 + tanh_out) + x * 0.5 * sech2 * GELU_SCALING_FACTOR * (1.0 + 3.0 * 0.044715 * x * x)
+    return local_grad * dout
+
+
+def residual_forward(inp1, inp2):
+    return inp1 + inp2, None
+
+
+def residual_backward(dout, cache):
+    # an addition passes its gradient to both inputs unchanged
+    return dout, dout
+
+
+def softmax_forward(logits, V):
+    # logits is (B,T,Vp); only the first V columns are real tokens, the rest are padding.
+    # Returns probs (B,T,V): the padded columns have zero probability, so we don't store them.
+    logits = logits[..., :V]  # (B,T,V) view
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))  # (B,T,V)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def crossentropy_forward(probs, targets):
+    # probs is (B,T,V), targets is (B,T) token ids; the loss at each position is -log p(target)
+    return -np.log(np.take_along_axis(probs, targets[..., None], axis=-1)[..., 0])  # (B,T)
+
+
+def crossentropy_softmax_backward(dlosses, probs, targets, Vp):
+    # backward through both the crossentropy and the softmax, fused: for logit i at (b,t),
+    # d loss / d logit = (probs[i] - 1[i == target]) * dloss. The padded columns V..Vp get no
+    # gradient, since they never entered the softmax.
+    B, T, V = probs.shape
+    dlogits = np.zeros((B, T, Vp), dtype=probs.dtype)  # (B,T,Vp)
+    dlogits[..., :V] = probs * dlosses[..., None]
+    b, t = np.indices((B, T))
+    dlogits[b, t, targets] -= dlosses
+    return dlogits
+
+
+# ----------------------------------------------------------------------------
+# GPT-2 model definition
+
+
+@dataclass
+class GPT2Config:
+    max_seq_len: int  # max sequence length, e.g. 1024
+    vocab_size: int  # vocab size, e.g. 50257
+    padded_vocab_size: int  # vocab size padded to a multiple of 128, e.g. 50304
+    num_layers: int  # number of layers, e.g. 12
+    num_heads: int  # number of heads in attention, e.g. 12
+    channels: int  # number of channels, e.g. 768
+
+
+def parameter_shapes(config):
+    # the 16 parameter tensors, in the order of llm.c's checkpoint file
+    Vp, C, maxT, L = config.padded_vocab_size, config.channels, config.max_seq_len, config.num_layers
+    return {
+        "wte": (Vp, C),  # token embeddings, also the classifier (weight tying)
+        "wpe": (maxT, C),  # position embeddings
+        "ln1w": (L, C),
+        "ln1b": (L, C),
+        "qkvw": (L, 3 * C, C),
+        "qkvb": (L, 3 * C),
+        "attprojw": (L, C, C),
+        "attprojb": (L, C),
+        "ln2w": (L, C),
+        "ln2b": (L, C),
+        "fcw": (L, 4 * C, C),
+        "fcb": (L, 4 * C),
+        "fcprojw": (L, C, 4 * C),
+        "fcprojb": (L, C),
+        "lnfw": (C,),
+        "lnfb": (C,),
+    }
+
+
+def point_parameters(memory, config):
+    # like llm.c's malloc_and_point_parameters: one flat array, and a named view into it per tensor
+    params, offset = {}, 0
+    for name, shape in parameter_shapes(config).items():
+        size = math.prod(shape)
+        params[name] = memory[offset:offset + size].reshape(shape)
+        offset += size
+    return params
+
+
+def num_parameters(config):
+    return sum(math.prod(shape) for shape in parameter_shapes(config).values())
+
+
+class GPT2:
+    """The model's state, as llm.c's GPT2 struct: config, parameters, gradients, AdamW buffers."""
+
+    def __init__(self, config, params_memory):
+        self.config = config
+        self.params_memory = params_memory  # (num_parameters,) all weights, in checkpoint order
+        self.params = point_parameters(params_memory, config)
+        self.grads_memory = None  # allocated on the first backward pass
+        self.grads = None
+        self.m_memory = None  # AdamW's first and second moments, allocated on the first update
+        self.v_memory = None
+        self.acts = None  # what the last forward pass saved for the backward pass
+        self.mean_loss = None
+
+
+class InputError(Exception):
+    """Bad input from the user (a missing or malformed file, a bad option): the scripts report
+    it as one line 'error: ...' and exit with status 2, never with a traceback."""
+
+
+CHECKPOINT_MAGIC, CHECKPOINT_VERSION = 20240326, 3
+HEADER_INTS = 256  # every llm.c file starts with a header of 256 int32
+
+
+def read_header(path, f, what):
+    header = np.fromfile(f, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS:
+        raise InputError(f"{path}: file too short for a {what} (expected a {HEADER_INTS * 4}-byte header)")
+    return header
+
+
+def gpt2_build_from_checkpoint(checkpoint_path):
+    # reads llm.c's checkpoint: a 256-int32 header, then all parameters as float32
+    if not os.path.isfile(checkpoint_path):
+        raise InputError(f"checkpoint {checkpoint_path} not found: get gpt2_124M.bin from llm.c's starter pack "
+                         f"(or run llm.c's train_gpt2.py), or train from scratch with --init d6 / d12")
+    with open(checkpoint_path, "rb") as f:
+        header = read_header(checkpoint_path, f, "GPT-2 checkpoint")
+        if header[0] != CHECKPOINT_MAGIC:
+            raise InputError(f"{checkpoint_path}: bad magic {header[0]}, expected {CHECKPOINT_MAGIC} (an llm.c GPT-2 checkpoint)")
+        version = int(header[1])
+        if version not in (1, 3):
+            raise InputError(f"{checkpoint_path}: unsupported checkpoint version {version}, expected 3 "
+                             f"(fp32, padded vocab) or 1 (fp32); re-run llm.c's train_gpt2.py to regenerate it")
+        maxT, V, L, NH, C = (int(x) for x in header[2:7])
+        Vp = int(header[7]) if version == 3 else V  # version 1 had no padding
+        config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp,
+                            num_layers=L, num_heads=NH, channels=C)
+        n = num_parameters(config)
+        expected_size = HEADER_INTS * 4 + n * 4
+        actual_size = os.fstat(f.fileno()).st_size
+        if actual_size != expected_size:
+            raise InputError(f"{checkpoint_path}: file is {actual_size} bytes, but its header "
+                             f"({config}) implies {expected_size}")
+        params_memory = np.fromfile(f, dtype="<f4", count=n)
+    return GPT2(config, params_memory)
+
+
+def gpt2_build_from_random(depth, seed):
+    # a randomly initialized GPT-2 of llm.c's depths, initialized as GPT-2 is
+    # (this is what llm.c's train_gpt2.py does for --model d12 etc.)
+    L, C, NH = {"d6": (6, 384, 6), "d12": (12, 768, 12), "d24": (24, 1024, 16),
+                "d36": (36, 1280, 20), "d48": (48, 1600, 25)}[depth]
+    V = 50257
+    config = GPT2Config(max_seq_len=1024, vocab_size=V, padded_vocab_size=padded_vocab(V),
+                        num_layers=L, num_heads=NH, channels=C)
+    model = GPT2(config, np.zeros(num_parameters(config), dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    p = model.params
+    residual_std = 0.02 / math.sqrt(2 * L)  # the projections into the residual stream are scaled down
+    for name, std in [("wte", 0.02), ("wpe", 0.02), ("qkvw", 0.02), ("attprojw", residual_std),
+                      ("fcw", 0.02), ("fcprojw", residual_std)]:
+        tensor = p[name][:V] if name == "wte" else p[name]  # the padded rows of wte stay zero
+        rng.standard_normal(out=tensor, dtype=np.float32)
+        tensor *= std
+    for name in ("ln1w", "ln2w", "lnfw"):
+        p[name][...] = 1.0  # LayerNorm starts as the identity; all biases start at zero
+    return model
+
+
+def padded_vocab(V):
+    return (V + 127) // 128 * 128  # round up to a multiple of 128, as llm.c does
+
+
+def gpt2_forward(model, inputs, targets=None):
+    # inputs and targets are (B,T) token ids; returns the mean loss (None without targets)
+    # and saves every layer's cache in model.acts for gpt2_backward
+    p, L, NH, V = model.params, model.config.num_layers, model.config.num_heads, model.config.vocab_size
+    if inputs.shape[1] > model.config.max_seq_len:
+        raise InputError(f"sequence length {inputs.shape[1]} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    residual, encoder_cache = encoder_forward(inputs, p["wte"], p["wpe"])  # (B,T,C)
+    layer_caches = []
+    for l in range(L):
+        ln1, ln1_cache = layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l])  # (B,T,C)
+        qkv, qkv_cache = matmul_forward(ln1, p["qkvw"][l], p["qkvb"][l])  # (B,T,3C)
+        atty, att_cache = attention_forward(qkv, NH)  # (B,T,C)
+        attproj, attproj_cache = matmul_forward(atty, p["attprojw"][l], p["attprojb"][l])  # (B,T,C)
+        residual2, _ = residual_forward(residual, attproj)  # (B,T,C)
+        ln2, ln2_cache = layernorm_forward(residual2, p["ln2w"][l], p["ln2b"][l])  # (B,T,C)
+        fch, fc_cache = matmul_forward(ln2, p["fcw"][l], p["fcb"][l])  # (B,T,4C)
+        fch_gelu, gelu_cache = gelu_forward(fch)  # (B,T,4C)
+        fcproj, fcproj_cache = matmul_forward(fch_gelu, p["fcprojw"][l], p["fcprojb"][l])  # (B,T,C)
+        residual3, _ = residual_forward(residual2, fcproj)  # (B,T,C)
+        layer_caches.append((ln1_cache, qkv_cache, att_cache, attproj_cache,
+                             ln2_cache, fc_cache, gelu_cache, fcproj_cache))
+        residual = residual3
+    lnf, lnf_cache = layernorm_forward(residual, p["lnfw"], p["lnfb"])  # (B,T,C)
+    logits, logits_cache = matmul_forward(lnf, p["wte"], None)  # (B,T,C) @ (C,Vp) -> (B,T,Vp)
+    probs = softmax_forward(logits, V)  # (B,T,V)
+    model.acts = dict(encoder=encoder_cache, layers=layer_caches, lnf=lnf_cache,
+                      logits_cache=logits_cache, logits=logits, probs=probs, targets=targets)
+    model.mean_loss = None
+    if targets is not None:
+        losses = crossentropy_forward(probs, targets)  # (B,T)
+        model.mean_loss = float(losses.mean())
+    return model.mean_loss
+
+
+def gpt2_backward(model):
+    # go through the forward pass in reverse, calling each layer's backward
+    acts = model.acts
+    if acts is None or acts["targets"] is None:
+        raise RuntimeError("gpt2_backward needs a forward pass with targets first")
+    if model.grads_memory is None:
+        model.grads_memory = np.zeros_like(model.params_memory)
+        model.grads = point_parameters(model.grads_memory, model.config)
+    p, g, L = model.params, model.grads, model.config.num_layers
+    probs, targets = acts["probs"], acts["targets"]
+    B, T = targets.shape
+    # the chain rule starts at the mean loss over all B*T positions: d mean / d losses[b,t] = 1/(B*T)
+    dlosses = np.full((B, T), 1.0 / (B * T), dtype=probs.dtype)  # (B,T)
+    dlogits = crossentropy_softmax_backward(dlosses, probs, targets, model.config.padded_vocab_size)  # (B,T,Vp)
+    dlnf = matmul_backward(dlogits, acts["logits_cache"], g["wte"], None)  # (B,T,C); writes the classifier's dwte
+    dresidual = layernorm_backward(dlnf, acts["lnf"], g["lnfw"], g["lnfb"])  # (B,T,C)
+    for l in reversed(range(L)):
+        (ln1_cache, qkv_cache, att_cache, attproj_cache,
+         ln2_cache, fc_cache, gelu_cache, fcproj_cache) = acts["layers"][l]
+        # residual3 = residual2 + fcproj
+        dresidual2, dfcproj = residual_backward(dresidual, None)
+        dfch_gelu = matmul_backward(dfcproj, fcproj_cache, g["fcprojw"][l], g["fcprojb"][l])  # (B,T,4C)
+        dfch = gelu_backward(dfch_gelu, gelu_cache)  # (B,T,4C)
+        dln2 = matmul_backward(dfch, fc_cache, g["fcw"][l], g["fcb"][l])  # (B,T,C)
+        # residual2 feeds both ln2 and the skip connection: its gradient is the sum of both
+        dresidual2 = dresidual2 + layernorm_backward(dln2, ln2_cache, g["ln2w"][l], g["ln2b"][l])
+        # residual2 = residual + attproj
+        dresidual, dattproj = residual_backward(dresidual2, None)
+        datty = matmul_backward(dattproj, attproj_cache, g["attprojw"][l], g["attprojb"][l])  # (B,T,C)
+        dqkv = attention_backward(datty, att_cache)  # (B,T,3C)
+        dln1 = matmul_backward(dqkv, qkv_cache, g["qkvw"][l], g["qkvb"][l])  # (B,T,C)
+        # the layer's input feeds both ln1 and the skip connection
+        dresidual = dresidual + layernorm_backward(dln1, ln1_cache, g["ln1w"][l], g["ln1b"][l])
+    # wte gets a second gradient here, from its use as the token embedding (encoder_backward adds it)
+    encoder_backward(dresidual, acts["encoder"], g["wte"], g["wpe"])
+
+
+def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t):
+    # AdamW, as llm.c's gpt2_update (reference: PyTorch's torch.optim.AdamW), over all parameters at
+    # once: they live in one flat array, and so do their gradients and the two moments.
+    if model.m_memory is None:
+        model.m_memory = np.zeros_like(model.params_memory)
+        model.v_memory = np.zeros_like(model.params_memory)
+    param, grad, m, v = model.params_memory, model.grads_memory, model.m_memory, model.v_memory
+    # update the first moment (momentum) and the second moment (RMSprop), in place
+    m *= beta1
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * (grad * grad)
+    # bias-correct both moments (t counts from 1)
+    m_hat = m / (1.0 - beta1 ** t)
+    v_hat = v / (1.0 - beta2 ** t)
+    # update, with weight decay decoupled from the gradient
+    param -= learning_rate * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param)
+
+
+def write_file_atomic(path, chunks):
+    # write to a temporary file in the same folder and rename it only once it is complete,
+    # so that a crash never leaves a half-written file under the final name
+    tmp_path = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def gpt2_write_checkpoint(model, path):
+    # llm.c's checkpoint format, version 3: readable by llm.c's C code and by this script
+    c = model.config
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, c.max_seq_len, c.vocab_size,
+                  c.num_layers, c.num_heads, c.channels, c.padded_vocab_size]
+    write_file_atomic(path, [header.tobytes(), model.params_memory.astype("<f4", copy=False).tobytes()])
+
+
+# ----------------------------------------------------------------------------
+# data loader, tokenizer and sampler
+
+TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
+
+
+def read_tokens(path):
+    # llm.c's token files: a 256-int32 header (magic, version, count), then uint16 tokens.
+    # Older llm.c files have no header: just int32 tokens.
+    if not os.path.isfile(path):
+        raise InputError(f"token file {path} not found: run `python prepro_tinyshakespeare.py` to make it")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        first = np.fromfile(f, dtype="<i4", count=min(HEADER_INTS, size // 4))
+    if first.size > 0 and first[0] == TOKENS_MAGIC:
+        if first.size < 3 or first[1] != TOKENS_VERSION:
+            raise InputError(f"{path}: unsupported token file version, expected {TOKENS_VERSION}")
+        ntok = int(first[2])
+        expected_size = HEADER_INTS * 4 + ntok * 2
+        if size != expected_size:
+            raise InputError(f"{path}: file is {size} bytes, but its header says {ntok} tokens ({expected_size} bytes)")
+        return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(ntok,))
+    if size == 0 or size % 4 != 0:
+        raise InputError(f"{path}: not an llm.c token file (expected magic {TOKENS_MAGIC}, "
+                         f"or headerless int32 tokens)")
+    return np.memmap(path, dtype="<i4", mode="r")  # the older, headerless format
+
+
+class DataLoader:
+    """llm.c's data loader without shuffling: consecutive batches of B*T+1 tokens (inputs, and the
+    same tokens shifted by one as targets), wrapping around to the start at the end of the file."""
+
+    def __init__(self, tokens, B, T, path="tokens"):
+        if len(tokens) < B * T + 1:
+            raise InputError(f"{path}: has {len(tokens)} tokens, fewer than one batch needs (B*T+1 = {B * T + 1})")
+        self.tokens, self.B, self.T = tokens, B, T
+        self.num_batches = (len(tokens) - 1) // (B * T)  # the +1 target token may overlap the next batch
+        self.current_batch = 0
+
+    def reset(self):
+        self.current_batch = 0
+
+    def next_batch(self):
+        if self.current_batch >= self.num_batches:
+            self.reset()  # start a new epoch
+        B, T = self.B, self.T
+        start = self.current_batch * B * T
+        buf = np.asarray(self.tokens[start:start + B * T + 1], dtype=np.int32)  # (B*T+1,)
+        self.current_batch += 1
+        return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)  # inputs, targets: (B,T) each
+
+
+TOKENIZER_MAGIC = 20240328
+GPT2_EOT = 50256  # the id of <|endoftext|>, which starts every sample
+
+
+def tokenizer_load(path):
+    # llm.c's tokenizer file: a 256-int32 header (magic, version, vocab size, EOT id),
+    # then for each token one length byte and that many bytes. Returns a list of bytes.
+    with open(path, "rb") as f:
+        data = f.read()
+    header = np.frombuffer(data[:HEADER_INTS * 4], dtype="<i4")
+    if header.size != HEADER_INTS or header[0] != TOKENIZER_MAGIC or header[1] not in (1, 2):
+        raise InputError(f"{path}: not an llm.c tokenizer file (expected magic {TOKENIZER_MAGIC}, version 1 or 2)")
+    table, pos = [], HEADER_INTS * 4
+    for _ in range(int(header[2])):
+        if pos >= len(data) or pos + 1 + data[pos] > len(data):
+            raise InputError(f"{path}: truncated tokenizer file ({header[2]} tokens announced)")
+        length = data[pos]
+        table.append(data[pos + 1:pos + 1 + length])
+        pos += 1 + length
+    return table
+
+
+def make_decoder(checkpoint_path):
+    # token id -> bytes: llm.c's gpt2_tokenizer.bin if it sits beside the checkpoint, else tiktoken,
+    # else (offline, no tokenizer files) None, and samples are printed as token ids
+    tokenizer_path = os.path.join(os.path.dirname(checkpoint_path) or ".", "gpt2_tokenizer.bin")
+    if os.path.isfile(tokenizer_path):
+        table = tokenizer_load(tokenizer_path)
+        return lambda token: table[token] if token < len(table) else b""
+    try:
+        import tiktoken  # only needed here, to print samples as text
+        enc = tiktoken.get_encoding("gpt2")
+        return lambda token: enc.decode_single_token_bytes(token)
+    except Exception:
+        return None
+
+
+def random_u32(state):
+    # xorshift rng, as llm.c's: https://en.wikipedia.org/wiki/Xorshift#xorshift.2A
+    # state is a one-element list holding a 64-bit integer; Python ints don't wrap, so we mask
+    s = state[0]
+    s ^= s >> 12
+    s ^= (s << 25) & 0xFFFFFFFFFFFFFFFF
+    s ^= s >> 27
+    state[0] = s
+    return ((s * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF) >> 32
+
+
+def random_f32(state):
+    # a random float32 in [0, 1)
+    return np.float32(random_u32(state) >> 8) / np.float32(16777216.0)
+
+
+def sample_mult(probabilities, coin):
+    # sample an index from probabilities (they must sum to 1!); coin is a random number in [0, 1).
+    # llm.c walks the running sum until it exceeds the coin; cumsum adds in the same order.
+    cdf = np.cumsum(probabilities)
+    i = int(np.searchsorted(cdf, coin, side="right"))  # the first i with coin < cdf[i]
+    return min(i, len(probabilities) - 1)  # in case of rounding errors
+
+
+def gpt2_sample(model, num_tokens, rng_state, eot_token):
+    # generate num_tokens - 1 tokens after <|endoftext|>, re-running the forward pass over the whole
+    # sequence for every new token, as llm.c's CPU code does (wasteful but simple: no KV cache)
+    tokens = [eot_token]
+    for _ in range(1, num_tokens):
+        gpt2_forward(model, np.array([tokens], dtype=np.int32))
+        probs = model.acts["probs"][0, -1]  # (V,) the distribution of the next token
+        tokens.append(sample_mult(probs, random_f32(rng_state)))
+        yield tokens[-1]
+
+
+# ----------------------------------------------------------------------------
+# main training loop
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train GPT-2 in NumPy, as llm.c's train_gpt2.c does "
+                                                 "(defaults are llm.c's).")
+    parser.add_argument("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint to start from")
+    parser.add_argument("--init", choices=["d6", "d12", "d24", "d36", "d48"],
+                        help="instead of a checkpoint, start from a randomly initialized GPT-2 of this depth")
+    parser.add_argument("--train-data", default="data/tiny_shakespeare_train.bin", help="training tokens")
+    parser.add_argument("--val-data", default="data/tiny_shakespeare_val.bin", help="validation tokens")
+    parser.add_argument("-b", "--batch-size", type=int, default=4, help="batch size B")
+    parser.add_argument("-t", "--seq-len", type=int, default=64, help="sequence length T (at most the model's maxT)")
+    parser.add_argument("--steps", type=int, default=40, help="number of training steps")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (on every tensor)")
+    parser.add_argument("--val-every", type=int, default=10, help="evaluate the validation loss every N steps")
+    parser.add_argument("--val-batches", type=int, default=5, help="validation batches per evaluation")
+    parser.add_argument("--sample-every", type=int, default=20, help="sample every N steps (0 = never)")
+    parser.add_argument("--gen-tokens", type=int, default=64, help="length of each sample, in tokens")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampler (and of --init)")
+    parser.add_argument("--output", help="write the trained model here, as an llm.c checkpoint")
+    return parser.parse_args(argv)
+
+
+def evaluate(model, val_loader, num_batches):
+    # the mean loss over the first num_batches batches of the validation set
+    val_loader.reset()
+    val_loss = 0.0
+    for _ in range(num_batches):
+        inputs, targets = val_loader.next_batch()
+        val_loss += gpt2_forward(model, inputs, targets)
+    return val_loss / num_batches
+
+
+def print_sample(model, args, rng_state, decode):
+    print("generating:\n---")
+    # tokens are byte strings, and a character can be split across two tokens:
+    # an incremental decoder holds the partial bytes until the character is complete
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    eot_token = min(GPT2_EOT, model.config.vocab_size - 1)
+    for token in gpt2_sample(model, args.gen_tokens, rng_state, eot_token):
+        if decode is None:
+            print(token, end=" ", flush=True)  # no tokenizer available: print the ids
+        else:
+            print(utf8.decode(decode(token)), end="", flush=True)
+    print("\n---")
+
+
+def main(args):
+    B, T = args.batch_size, args.seq_len
+    model = gpt2_build_from_random(args.init, args.seed) if args.init else gpt2_build_from_checkpoint(args.checkpoint)
+    c = model.config
+    print(f"[GPT-2] max_seq_len: {c.max_seq_len}, vocab_size: {c.vocab_size}, padded_vocab_size: "
+          f"{c.padded_vocab_size}, num_layers: {c.num_layers}, num_heads: {c.num_heads}, channels: {c.channels}")
+    print(f"num_parameters: {model.params_memory.size}")
+    if T > c.max_seq_len:
+        raise InputError(f"--seq-len {T} exceeds the model's max_seq_len {c.max_seq_len}")
+
+    train_loader = DataLoader(read_tokens(args.train_data), B, T, args.train_data)
+    val_loader = DataLoader(read_tokens(args.val_data), B, T, args.val_data)
+    print(f"train dataset num_batches: {train_loader.num_batches}")
+    print(f"val dataset num_batches: {val_loader.num_batches}")
+    decode = make_decoder(args.checkpoint)
+    rng_state = [args.seed]  # the sampler's xorshift state
+
+    for step in range(args.steps + 1):
+        last_step = step == args.steps
+        # once in a while estimate the validation loss
+        if step % args.val_every == 0 or last_step:
+            print(f"val loss {evaluate(model, val_loader, args.val_batches):f}")
+        # once in a while print a sample from the model
+        if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step):
+            print_sample(model, args, rng_state, decode)
+        if last_step:
+            break
+        # do a training step
+        t0 = time.perf_counter()
+        inputs, targets = train_loader.next_batch()
+        loss = gpt2_forward(model, inputs, targets)
+        gpt2_backward(model)
+        gpt2_update(model, args.lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1)
+        t1 = time.perf_counter()
+        print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms)")
+
+    if args.output:
+        gpt2_write_checkpoint(model, args.output)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
