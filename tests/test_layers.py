@@ -221,14 +221,32 @@ def adamw_reference(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
         param[i] -= lr * (m_hat / (math.sqrt(v_hat) + eps) + weight_decay * param[i])
 
 
-def test_adamw_matches_llmc_loop():
-    model = tiny_model(np.float64)
+def test_adamw_plain_matches_llmc_loop():
     rng = np.random.default_rng(3)
+    n = 1000
+    param = rng.standard_normal(n)
+    ours, m, v, m_ref, v_ref = param.copy(), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    for t in (1, 2, 3):
+        grad = rng.standard_normal(n)
+        tg.adamw_plain(ours, grad, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, t)
+        adamw_reference(param, grad, m_ref, v_ref, 1e-2, 0.9, 0.999, 1e-8, 0.1, t)
+        np.testing.assert_allclose(ours, param, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_gpt2_update_matches_adamw_plain(monkeypatch, weight_decay):
+    # the chunked, in-place AdamW against the plain one, over several chunks and a ragged last one
+    monkeypatch.setattr(tg, "ADAMW_CHUNK", 500)
+    model = tiny_model(np.float64)
+    rng = np.random.default_rng(4)
     n = model.params_memory.size
+    assert n % 500 != 0 and n > 2000
     param, m, v = model.params_memory.copy(), np.zeros(n), np.zeros(n)
     model.grads_memory = np.zeros(n)
     for t in (1, 2, 3):
         model.grads_memory[:] = rng.standard_normal(n)
-        tg.gpt2_update(model, 1e-2, 0.9, 0.999, 1e-8, 0.1, t)
-        adamw_reference(param, model.grads_memory, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.1, t)
-        np.testing.assert_allclose(model.params_memory, param, rtol=1e-12, atol=1e-15)
+        tg.gpt2_update(model, 1e-2, 0.9, 0.999, 1e-8, weight_decay, t)
+        tg.adamw_plain(param, model.grads_memory, m, v, 1e-2, 0.9, 0.999, 1e-8, weight_decay, t)
+        np.testing.assert_allclose(model.params_memory, param, rtol=1e-13, atol=1e-16)
+        np.testing.assert_allclose(model.m_memory, m, rtol=1e-13)
+        np.testing.assert_allclose(model.v_memory, v, rtol=1e-13)

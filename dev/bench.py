@@ -1,0 +1,354 @@
+"""
+Benchmark: how long a full GPT-2 training step (forward, backward, AdamW) takes in train_gpt2.py,
+next to eager PyTorch on the same CPU, the same weights and the same batch.
+
+    python dev/bench.py                       # GPT-2 124M (d12), B=4, T=64, with PyTorch if importable
+    python dev/bench.py -b 8 -t 128 --depth d6
+    python dev/bench.py --sweep               # a table over B*T and depth
+    python dev/bench.py --no-torch --no-rss   # only ours
+
+It prints the BLAS NumPy uses, the median ms/step of ours and of PyTorch (their steps interleaved,
+so that the noise of a shared machine hits both alike), the floor set by the step's matmuls alone,
+tokens/s, the peak RSS of `train_gpt2.py --init` and of the PyTorch step (each in its own process),
+and a per-layer breakdown of where our step's time goes. This is a benchmark, not a test: it
+prints figures and asserts nothing. PyTorch is a dev-only dependency (pip install torch==2.13.0).
+"""
+
+import argparse
+import ctypes
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_gpt2 as tg  # noqa: E402
+
+
+# ----------------------------------------------------------------------------
+# the machine and its BLAS
+
+def openblas_info():
+    # numpy's wheels bundle OpenBLAS with prefixed symbols; ask it which kernel and how many threads
+    for line in open("/proc/self/maps") if os.path.exists("/proc/self/maps") else []:
+        path = line.split()[-1]
+        if "openblas" in path.lower() and path.endswith(".so") or ".so." in path and "openblas" in path.lower():
+            lib = ctypes.CDLL(path)
+            for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
+                try:
+                    corename = getattr(lib, f"{prefix}get_corename{suffix}")
+                    threads = getattr(lib, f"{prefix}get_num_threads{suffix}")
+                    config = getattr(lib, f"{prefix}get_config{suffix}")
+                except AttributeError:
+                    continue
+                corename.restype = config.restype = ctypes.c_char_p
+                return f"{config().decode()} (kernel {corename().decode()}, {threads()} threads)"
+    return "unknown (not OpenBLAS?)"
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (OSError, ValueError):
+        mem_gb = float("nan")
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("OPENBLAS_", "OMP_")))
+    return (f"machine: {cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GB; Python {platform.python_version()}, "
+            f"numpy {np.__version__}\nBLAS: {openblas_info()}" + (f"\nenvironment: {env}" if env else ""))
+
+
+# ----------------------------------------------------------------------------
+# one training step, ours
+
+def numpy_step(model, x, y, step):
+    loss = tg.gpt2_forward(model, x, y)
+    tg.gpt2_backward(model)
+    tg.gpt2_update(model, 1e-4, 0.9, 0.999, 1e-8, 0.0, step + 1)
+    return loss
+
+
+def matmul_floor(model, B, T, repeats):
+    # the time of the step's matrix products alone (forward, and both backward products of each),
+    # with the same shapes, in numpy: what the step would cost if everything else were free
+    c = model.config
+    C, L, Vp = c.channels, c.num_layers, c.padded_vocab_size
+    rng = np.random.default_rng(0)
+    shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L + [(Vp, C)]
+    weights = {s: rng.standard_normal(s, dtype=np.float32) for s in set(shapes)}
+    inputs = {s: rng.standard_normal((B * T, s[1]), dtype=np.float32) for s in set(shapes)}
+    douts = {s: rng.standard_normal((B * T, s[0]), dtype=np.float32) for s in set(shapes)}
+    dweight = {s: np.empty(s, dtype=np.float32) for s in set(shapes)}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in shapes:
+            inputs[s] @ weights[s].T  # forward
+            douts[s] @ weights[s]  # backward into the input
+            np.matmul(douts[s].T, inputs[s], out=dweight[s])  # backward into the weight
+        times.append(time.perf_counter() - t0)
+    flops = sum(3 * 2 * B * T * s[0] * s[1] for s in shapes)
+    return statistics.median(times), flops
+
+
+class LayerTimer:
+    """Wraps every layer function of train_gpt2 to add up the time spent in it (a profiler in miniature)."""
+
+    LAYERS = ["encoder", "layernorm", "matmul", "attention", "gelu", "residual", "softmax",
+              "crossentropy", "crossentropy_softmax"]
+
+    def __init__(self, model):
+        self.totals = defaultdict(float)
+        self.Vp = model.config.padded_vocab_size
+        self.originals = {}
+        for layer in self.LAYERS:
+            for direction in ("forward", "backward"):
+                name = f"{layer}_{direction}"
+                if hasattr(tg, name):
+                    self.originals[name] = getattr(tg, name)
+        self.originals["gpt2_update"] = tg.gpt2_update
+
+    def label(self, name, args):
+        # the classifier is the matmul whose weight is wte: its output has Vp columns
+        if name == "matmul_forward" and args[1].shape[0] == self.Vp:
+            return "classifier matmul forward"
+        if name == "matmul_backward" and args[1][1].shape[0] == self.Vp:
+            return "classifier matmul backward"
+        if name in ("softmax_forward", "crossentropy_forward", "crossentropy_softmax_backward"):
+            return "softmax + crossentropy " + ("backward" if "backward" in name else "forward")
+        if name == "gpt2_update":
+            return "AdamW update"
+        return name.replace("_", " ")
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.totals[self.label(name, args)] += time.perf_counter() - t0
+            return out
+        return timed
+
+    def __enter__(self):
+        for name, fn in self.originals.items():
+            setattr(tg, name, self.wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(tg, name, fn)
+
+
+def breakdown(model, x, y, steps):
+    # time the layers over a few steps; what is left of the step is the glue between them
+    step_times = []
+    with LayerTimer(model) as timer:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            numpy_step(model, x, y, 100 + step)
+            step_times.append(time.perf_counter() - t0)
+    totals = {k: v / steps for k, v in timer.totals.items()}
+    totals["(glue: everything else)"] = sum(step_times) / steps - sum(totals.values())
+    return totals, sum(step_times) / steps
+
+
+# ----------------------------------------------------------------------------
+# the same step in eager PyTorch
+
+def torch_model_from(model):
+    # an nn.Module GPT-2 with per-layer nn.Linear parameters, loaded with our model's weights
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    c = model.config
+    C, NH = c.channels, c.num_heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def attn(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))  # (B,NH,T,hs)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / (C // NH) ** 0.5)
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(dim=-1)
+            return self.attn_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(c.vocab_size, C), nn.Embedding(c.max_seq_len, C)
+            self.h = nn.ModuleList(Block() for _ in range(c.num_layers))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T  # the classifier is tied to wte
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    gpt = GPT()
+    p = {k: torch.from_numpy(np.array(v)) for k, v in model.params.items()}
+    with torch.no_grad():
+        gpt.wte.weight.copy_(p["wte"][:c.vocab_size])
+        gpt.wpe.weight.copy_(p["wpe"])
+        gpt.ln_f.weight.copy_(p["lnfw"])
+        gpt.ln_f.bias.copy_(p["lnfb"])
+        for l, block in enumerate(gpt.h):
+            for module, w, b in [(block.ln_1, "ln1w", "ln1b"), (block.c_attn, "qkvw", "qkvb"),
+                                 (block.attn_proj, "attprojw", "attprojb"), (block.ln_2, "ln2w", "ln2b"),
+                                 (block.c_fc, "fcw", "fcb"), (block.mlp_proj, "fcprojw", "fcprojb")]:
+                module.weight.copy_(p[w][l])
+                module.bias.copy_(p[b][l])
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return gpt, optimizer
+
+
+def torch_step(gpt, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    loss = gpt(x, y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------
+# peak memory, each in a process of its own
+
+def peak_rss_of(cmd):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return f"failed: {proc.stderr.read().decode().strip()[-300:]}"
+    return f"{usage.ru_maxrss / 1e6:.2f} GB"  # ru_maxrss is in kB on Linux
+
+
+def torch_child(args):
+    # the PyTorch step alone, so that its peak RSS can be measured apart from ours
+    model = tg.gpt2_build_from_random(args.depth, seed=0)
+    x, y = tg.DataLoader(tg.read_tokens(args.data), args.batch_size, args.seq_len).next_batch()
+    import torch
+    gpt, optimizer = torch_model_from(model)
+    del model
+    for _ in range(3):
+        torch_step(gpt, optimizer, torch.from_numpy(x).long(), torch.from_numpy(y).long())
+
+
+# ----------------------------------------------------------------------------
+
+def bench(args, depth, B, T, torch_too, show_breakdown):
+    model = tg.gpt2_build_from_random(depth, seed=0)
+    x, y = tg.DataLoader(tg.read_tokens(args.data), B, T).next_batch()
+    runners = {"numpy (ours)": lambda step: numpy_step(model, x, y, step)}
+    if torch_too:
+        import torch
+        gpt, optimizer = torch_model_from(model)
+        tx, ty = torch.from_numpy(x).long(), torch.from_numpy(y).long()
+        runners[f"pytorch {torch.__version__} eager"] = lambda step: torch_step(gpt, optimizer, tx, ty)
+    times, first_loss = defaultdict(list), {}
+    for step in range(args.warmup + args.steps):
+        for name, run in runners.items():  # interleaved: ours, theirs, ours, theirs, ...
+            t0 = time.perf_counter()
+            loss = run(step)
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            first_loss.setdefault(name, loss)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    floor, flops = matmul_floor(model, B, T, repeats=3)
+    result = dict(medians=medians, floor=floor, flops=flops, first_loss=first_loss)
+    if show_breakdown:
+        result["breakdown"] = breakdown(model, x, y, steps=3)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-b", "--batch-size", type=int, default=4)
+    parser.add_argument("-t", "--seq-len", type=int, default=64)
+    parser.add_argument("--depth", default="d12", choices=["d6", "d12", "d24", "d36", "d48"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--data", default=os.path.join(ROOT, "data", "tiny_shakespeare_train.bin"), help="token file")
+    parser.add_argument("--no-torch", action="store_true", help="don't time PyTorch, even if it is importable")
+    parser.add_argument("--no-rss", action="store_true", help="don't measure peak RSS (it runs extra processes)")
+    parser.add_argument("--sweep", action="store_true", help="a table of ms/step over B*T and depth instead")
+    parser.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not os.path.isfile(args.data):
+        sys.exit(f"error: token file {args.data} not found: run `python prepro_tinyshakespeare.py` first")
+    if args.torch_child:
+        return torch_child(args)
+    print(machine_info())
+    B, T = args.batch_size, args.seq_len
+    if not args.no_rss and not args.sweep:
+        # first, while this process is still small: a child's peak RSS starts from its parent's at fork
+        common = ["-b", str(B), "-t", str(T)]
+        print("\npeak RSS (each in its own process):")
+        print(f"  train_gpt2.py --init {args.depth}, 3 steps: "
+              + peak_rss_of([sys.executable, "train_gpt2.py", "--init", args.depth, *common, "--steps", "3",
+                             "--sample-every", "0", "--val-batches", "1", "--train-data", args.data, "--val-data", args.data]))
+        if not args.no_torch and importlib.util.find_spec("torch"):
+            print("  PyTorch, 3 steps: " + peak_rss_of([sys.executable, __file__, "--torch-child", "--depth", args.depth,
+                                                        *common, "--data", args.data]))
+    try:
+        import torch
+        torch_too = not args.no_torch
+    except ImportError:
+        torch_too = False
+    if torch_too:
+        print(f"PyTorch {torch.__version__}: {torch.get_num_threads()} threads")
+
+    if args.sweep:
+        print(f"\n{'depth':>5} {'B':>3} {'T':>4} {'B*T':>5} {'ours ms':>9} {'torch ms':>9} {'ours/torch':>10} "
+              f"{'floor ms':>9} {'ours/floor':>10} {'tokens/s':>9}")
+        for depth, B, T in [("d12", 1, 64), ("d12", 4, 64), ("d12", 4, 128), ("d12", 8, 128), ("d12", 8, 256),
+                            ("d6", 4, 64), ("d24", 4, 64)]:
+            r = bench(args, depth, B, T, torch_too, show_breakdown=False)
+            ours = r["medians"]["numpy (ours)"]
+            theirs = [v for k, v in r["medians"].items() if k.startswith("pytorch")]
+            theirs_s = f"{theirs[0] * 1e3:9.0f} {ours / theirs[0]:10.2f}" if theirs else f"{'-':>9} {'-':>10}"
+            print(f"{depth:>5} {B:>3} {T:>4} {B * T:>5} {ours * 1e3:9.0f} {theirs_s} {r['floor'] * 1e3:9.0f} "
+                  f"{ours / r['floor']:10.2f} {B * T / ours:9.0f}", flush=True)
+        return
+
+    print(f"\nGPT-2 {args.depth}, B={B}, T={T}: median of {args.steps} training steps after {args.warmup} "
+          f"warm-up steps, {'ours and PyTorch interleaved' if torch_too else 'ours only'}")
+    r = bench(args, args.depth, B, T, torch_too, show_breakdown=True)
+    ours = r["medians"]["numpy (ours)"]
+    for name, median in r["medians"].items():
+        print(f"  {name:<28} {median * 1e3:8.1f} ms/step  {B * T / median:8.1f} tokens/s  "
+              f"(first loss {r['first_loss'][name]:.6f})")
+        if name != "numpy (ours)":
+            print(f"  {'ratio ours / pytorch':<28} {ours / median:8.2f}")
+    print(f"  {'matmul floor (numpy sgemm)':<28} {r['floor'] * 1e3:8.1f} ms/step  "
+          f"({r['flops'] / 1e9:.0f} GFLOP at {r['flops'] / r['floor'] / 1e9:.0f} GFLOP/s)")
+    print(f"  {'ratio ours / floor':<28} {ours / r['floor']:8.2f}")
+
+    totals, step_time = r["breakdown"]
+    print(f"\nwhere our step's time goes (mean of 3 timed steps, {step_time * 1e3:.0f} ms each with the timers on):")
+    for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<36} {t * 1e3:8.1f} ms  {100 * t / step_time:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
