@@ -29,6 +29,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt2 as tg  # noqa: E402
 
 
@@ -165,67 +166,20 @@ def breakdown(model, x, y, steps):
 # the same step in eager PyTorch
 
 def torch_model_from(model):
-    # an nn.Module GPT-2 with per-layer nn.Linear parameters, loaded with our model's weights
+    # the PyTorch GPT-2 of dev/make_reference.py (per-layer nn.Linear and nn.LayerNorm modules),
+    # loaded with our model's weights, and PyTorch's own AdamW
     import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
+    from make_reference import GPT, load_llmc_params
     c = model.config
-    C, NH = c.channels, c.num_heads
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
-            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-        def attn(self, x):
-            B, T, _ = x.shape
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))  # (B,NH,T,hs)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / (C // NH) ** 0.5)
-            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(dim=-1)
-            return self.attn_proj((att @ v).transpose(1, 2).reshape(B, T, C))
-
-        def forward(self, x):
-            x = x + self.attn(self.ln_1(x))
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(c.vocab_size, C), nn.Embedding(c.max_seq_len, C)
-            self.h = nn.ModuleList(Block() for _ in range(c.num_layers))
-            self.ln_f = nn.LayerNorm(C)
-
-        def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-            for block in self.h:
-                x = block(x)
-            logits = self.ln_f(x) @ self.wte.weight.T  # the classifier is tied to wte
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-
-    gpt = GPT()
-    p = {k: torch.from_numpy(np.array(v)) for k, v in model.params.items()}
-    with torch.no_grad():
-        gpt.wte.weight.copy_(p["wte"][:c.vocab_size])
-        gpt.wpe.weight.copy_(p["wpe"])
-        gpt.ln_f.weight.copy_(p["lnfw"])
-        gpt.ln_f.bias.copy_(p["lnfb"])
-        for l, block in enumerate(gpt.h):
-            for module, w, b in [(block.ln_1, "ln1w", "ln1b"), (block.c_attn, "qkvw", "qkvb"),
-                                 (block.attn_proj, "attprojw", "attprojb"), (block.ln_2, "ln2w", "ln2b"),
-                                 (block.c_fc, "fcw", "fcb"), (block.mlp_proj, "fcprojw", "fcprojb")]:
-                module.weight.copy_(p[w][l])
-                module.bias.copy_(p[b][l])
+    gpt = GPT(c.vocab_size, c.max_seq_len, c.num_layers, c.num_heads, c.channels)
+    load_llmc_params(gpt, model.params)
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     return gpt, optimizer
 
 
 def torch_step(gpt, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
-    loss = gpt(x, y)
+    _, loss = gpt(x, y)
     loss.backward()
     optimizer.step()
     return loss.item()
