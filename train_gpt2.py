@@ -287,38 +287,52 @@ def read_header(path, f, what):
     return header
 
 
+def check_file(path, what, hint):
+    # the first thing every loader does: say clearly when there is no file to read
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} not found: {hint}")
+
+
 def gpt2_build_from_checkpoint(checkpoint_path):
     # reads llm.c's checkpoint: a 256-int32 header, then all parameters as float32
-    if not os.path.isfile(checkpoint_path):
-        raise InputError(f"checkpoint {checkpoint_path} not found: get gpt2_124M.bin from llm.c's starter pack "
-                         f"(or run llm.c's train_gpt2.py), or train from scratch with --init d6 / d12")
+    check_file(checkpoint_path, "checkpoint", "get gpt2_124M.bin from llm.c's starter pack (or run llm.c's "
+               "train_gpt2.py), or train from scratch with --init d6 / d12")
     with open(checkpoint_path, "rb") as f:
         header = read_header(checkpoint_path, f, "GPT-2 checkpoint")
         if header[0] != CHECKPOINT_MAGIC:
             raise InputError(f"{checkpoint_path}: bad magic {header[0]}, expected {CHECKPOINT_MAGIC} (an llm.c GPT-2 checkpoint)")
         version = int(header[1])
         if version not in (1, 3):
-            raise InputError(f"{checkpoint_path}: unsupported checkpoint version {version}, expected 3 "
-                             f"(fp32, padded vocab) or 1 (fp32); re-run llm.c's train_gpt2.py to regenerate it")
+            raise InputError(f"{checkpoint_path}: unsupported checkpoint version {version}; versions 3 (fp32, "
+                             f"padded vocab) and 1 (fp32) are supported: re-run llm.c's train_gpt2.py to regenerate it")
         maxT, V, L, NH, C = (int(x) for x in header[2:7])
         Vp = int(header[7]) if version == 3 else V  # version 1 had no padding
         config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp,
                             num_layers=L, num_heads=NH, channels=C)
-        n = num_parameters(config)
-        expected_size = HEADER_INTS * 4 + n * 4
+        if min(maxT, V, L, NH, C) <= 0 or C % NH != 0 or Vp < V:
+            raise InputError(f"{checkpoint_path}: nonsensical header ({config}): sizes must be positive, "
+                             f"channels divisible by num_heads, padded_vocab_size >= vocab_size")
+        # the file must hold exactly what the header announces (this also keeps absurd headers from
+        # asking for more memory than the file itself holds)
+        expected_size = HEADER_INTS * 4 + num_parameters(config) * 4
         actual_size = os.fstat(f.fileno()).st_size
         if actual_size != expected_size:
-            raise InputError(f"{checkpoint_path}: file is {actual_size} bytes, but its header "
-                             f"({config}) implies {expected_size}")
-        params_memory = np.fromfile(f, dtype="<f4", count=n)
+            raise InputError(f"{checkpoint_path}: file is {actual_size:,} bytes, but its header ({config}) "
+                             f"implies {expected_size:,}: truncated, or not what the header says")
+        params_memory = np.fromfile(f, dtype="<f4", count=num_parameters(config))
     return GPT2(config, params_memory)
+
+
+DEPTHS = {"d6": (6, 384, 6), "d12": (12, 768, 12), "d24": (24, 1024, 16),  # L, C, NH, as llm.c's
+          "d36": (36, 1280, 20), "d48": (48, 1600, 25)}
 
 
 def gpt2_build_from_random(depth, seed):
     # a randomly initialized GPT-2 of llm.c's depths, initialized as GPT-2 is
     # (this is what llm.c's train_gpt2.py does for --model d12 etc.)
-    L, C, NH = {"d6": (6, 384, 6), "d12": (12, 768, 12), "d24": (24, 1024, 16),
-                "d36": (36, 1280, 20), "d48": (48, 1600, 25)}[depth]
+    L, C, NH = DEPTHS[depth]
     V = 50257
     config = GPT2Config(max_seq_len=1024, vocab_size=V, padded_vocab_size=padded_vocab(V),
                         num_layers=L, num_heads=NH, channels=C)
@@ -511,26 +525,33 @@ def gpt2_write_checkpoint(model, path):
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
 
 
-def read_tokens(path):
+def read_tokens(path, vocab_size):
     # llm.c's token files: a 256-int32 header (magic, version, count), then uint16 tokens.
     # Older llm.c files have no header: just int32 tokens.
-    if not os.path.isfile(path):
-        raise InputError(f"token file {path} not found: run `python prepro_tinyshakespeare.py` to make it")
+    check_file(path, "token file", "run `python prepro_tinyshakespeare.py` to make it")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         first = np.fromfile(f, dtype="<i4", count=min(HEADER_INTS, size // 4))
     if first.size > 0 and first[0] == TOKENS_MAGIC:
         if first.size < 3 or first[1] != TOKENS_VERSION:
-            raise InputError(f"{path}: unsupported token file version, expected {TOKENS_VERSION}")
+            raise InputError(f"{path}: unsupported token file version {first[1] if first.size > 1 else '?'}, "
+                             f"expected {TOKENS_VERSION}")
         ntok = int(first[2])
         expected_size = HEADER_INTS * 4 + ntok * 2
-        if size != expected_size:
-            raise InputError(f"{path}: file is {size} bytes, but its header says {ntok} tokens ({expected_size} bytes)")
-        return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(ntok,))
-    if size == 0 or size % 4 != 0:
-        raise InputError(f"{path}: not an llm.c token file (expected magic {TOKENS_MAGIC}, "
-                         f"or headerless int32 tokens)")
-    return np.memmap(path, dtype="<i4", mode="r")  # the older, headerless format
+        if ntok < 0 or size != expected_size:
+            raise InputError(f"{path}: file is {size:,} bytes, but its header says {ntok:,} tokens ({expected_size:,} bytes)")
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(ntok,)) if ntok else np.zeros(0, np.uint16)
+        what = "token ids"
+    else:
+        # no magic: perhaps the older headerless format, but only if every value is a token id
+        tokens = np.memmap(path, dtype="<i4", mode="r") if size and size % 4 == 0 else None
+        if tokens is None or tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise InputError(f"{path}: not an llm.c token file (expected magic {TOKENS_MAGIC}, or the older "
+                             f"headerless int32 tokens, all below the vocab size {vocab_size})")
+        what = "headerless int32 tokens"
+    if tokens.size and tokens.max() >= vocab_size:
+        raise InputError(f"{path}: has {what} up to {tokens.max()}, but the model's vocab size is {vocab_size}")
+    return tokens
 
 
 class DataLoader:
@@ -630,14 +651,81 @@ def gpt2_sample(model, num_tokens, rng_state, eot_token):
 
 
 # ----------------------------------------------------------------------------
+# checkpoints and resume (beyond llm.c's CPU loop)
+# Every --save-every steps, a run writes model_<steps done>.bin, an llm.c checkpoint that llm.c's
+# C code can read too, and then state_<steps done>.bin: everything else the run needs to continue
+# exactly where it stopped. Both are written atomically, the state last, so a pair whose state
+# exists is complete.
+
+RUN_STATE_MAGIC, RUN_STATE_VERSION = 20261122, 1
+RUN_STATE_HEADER = 128  # uint64 values: 1024 bytes, like llm.c's headers
+
+
+def write_run_state(path, model, steps_done, train_loader, rng_state):
+    # header: magic, version, steps done, number of parameters, B, T, the train loader's next batch,
+    # the sampler's RNG state; then AdamW's m and v (num_parameters float32 each)
+    header = np.zeros(RUN_STATE_HEADER, dtype="<u8")
+    header[:8] = [RUN_STATE_MAGIC, RUN_STATE_VERSION, steps_done, model.params_memory.size,
+                  train_loader.B, train_loader.T, train_loader.current_batch, rng_state[0]]
+    zeros = np.zeros_like(model.params_memory)  # no update yet: the moments are still zero
+    m = model.m_memory if model.m_memory is not None else zeros
+    v = model.v_memory if model.v_memory is not None else zeros
+    write_file_atomic(path, [header.tobytes(), m.astype("<f4", copy=False).tobytes(), v.astype("<f4", copy=False).tobytes()])
+
+
+def read_run_state(path, model):
+    # the reverse: fills in model's AdamW moments; returns (steps done, B, T, next batch, RNG state)
+    check_file(path, "run state", "it is written next to model_<step>.bin by --output-dir")
+    n = model.params_memory.size
+    expected_size = RUN_STATE_HEADER * 8 + 2 * n * 4
+    with open(path, "rb") as f:
+        header = np.fromfile(f, dtype="<u8", count=RUN_STATE_HEADER)
+        if header.size != RUN_STATE_HEADER or header[0] != RUN_STATE_MAGIC or header[1] != RUN_STATE_VERSION:
+            raise InputError(f"{path}: not a run state of this trainer (expected magic {RUN_STATE_MAGIC}, version {RUN_STATE_VERSION})")
+        actual_size = os.fstat(f.fileno()).st_size
+        if header[3] != n or actual_size != expected_size:
+            raise InputError(f"{path}: holds {header[3]:,} parameters in {actual_size:,} bytes, but its model has {n:,} "
+                             f"({expected_size:,} bytes expected)")
+        model.m_memory = np.fromfile(f, dtype="<f4", count=n)
+        model.v_memory = np.fromfile(f, dtype="<f4", count=n)
+    steps_done, B, T, next_batch, rng = (int(x) for x in header[2:8])
+    return steps_done, B, T, next_batch, rng
+
+
+def save_checkpoint(out_dir, model, steps_done, train_loader, rng_state):
+    os.makedirs(out_dir, exist_ok=True)
+    gpt2_write_checkpoint(model, os.path.join(out_dir, f"model_{steps_done}.bin"))
+    write_run_state(os.path.join(out_dir, f"state_{steps_done}.bin"), model, steps_done, train_loader, rng_state)
+    print(f"saved model_{steps_done}.bin and state_{steps_done}.bin to {out_dir}")
+
+
+def latest_checkpoint(run_dir):
+    # the most steps for which both model_<steps>.bin and state_<steps>.bin exist (or None);
+    # temporary files of an interrupted write end in .tmp.<pid> and don't match
+    if not os.path.isdir(run_dir):
+        raise InputError(f"--resume {run_dir}: not a directory")
+    names = set(os.listdir(run_dir))
+    steps = [int(name[6:-4]) for name in names
+             if name.startswith("state_") and name.endswith(".bin") and name[6:-4].isdigit()
+             and f"model_{int(name[6:-4])}.bin" in names]
+    return max(steps, default=None)
+
+
+# ----------------------------------------------------------------------------
 # main training loop
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # a bad option is bad input like any other: one line, exit status 2
+        raise InputError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train GPT-2 in NumPy, as llm.c's train_gpt2.c does "
-                                                 "(defaults are llm.c's).")
+    parser = ArgumentParser(description="Train GPT-2 in NumPy, as llm.c's train_gpt2.c does "
+                                        "(defaults are llm.c's).")
     parser.add_argument("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint to start from")
-    parser.add_argument("--init", choices=["d6", "d12", "d24", "d36", "d48"],
+    parser.add_argument("--init", choices=list(DEPTHS),
                         help="instead of a checkpoint, start from a randomly initialized GPT-2 of this depth")
     parser.add_argument("--train-data", default="data/tiny_shakespeare_train.bin", help="training tokens")
     parser.add_argument("--val-data", default="data/tiny_shakespeare_val.bin", help="validation tokens")
@@ -646,13 +734,28 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=40, help="number of training steps")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (on every tensor)")
-    parser.add_argument("--val-every", type=int, default=10, help="evaluate the validation loss every N steps")
+    parser.add_argument("--val-every", type=int, default=10, help="evaluate the validation loss every N steps (0 = never)")
     parser.add_argument("--val-batches", type=int, default=5, help="validation batches per evaluation")
     parser.add_argument("--sample-every", type=int, default=20, help="sample every N steps (0 = never)")
     parser.add_argument("--gen-tokens", type=int, default=64, help="length of each sample, in tokens")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampler (and of --init)")
     parser.add_argument("--output", help="write the trained model here, as an llm.c checkpoint")
-    return parser.parse_args(argv)
+    parser.add_argument("--output-dir", help="write model_<step>.bin and state_<step>.bin here (see --save-every)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="with --output-dir: save every N steps, and at the end (0 = only at the end)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue from the newest model/state pair in DIR, up to --steps in total "
+                             "(saving there too, unless --output-dir says otherwise)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "seq_len", "val_batches", "gen_tokens"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    for name in ("steps", "val_every", "sample_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must not be negative, not {getattr(args, name)}")
+    if args.save_every and not (args.output_dir or args.resume):
+        raise InputError("--save-every needs --output-dir (where to save)")
+    return args
 
 
 def evaluate(model, val_loader, num_batches):
@@ -679,27 +782,50 @@ def print_sample(model, args, rng_state, decode):
     print("\n---")
 
 
+class NonFiniteLossError(Exception):
+    """The loss became inf or nan: training stops before the update would spoil the weights."""
+
+
 def main(args):
     B, T = args.batch_size, args.seq_len
-    model = gpt2_build_from_random(args.init, args.seed) if args.init else gpt2_build_from_checkpoint(args.checkpoint)
+    start_step, next_batch, rng_state = 0, 0, [args.seed]  # rng_state: the sampler's xorshift state
+    if args.resume:
+        args.output_dir = args.output_dir or args.resume
+        steps_done = latest_checkpoint(args.resume)
+        if steps_done is None:
+            raise InputError(f"--resume {args.resume}: no model_<step>.bin with its state_<step>.bin in it")
+        model = gpt2_build_from_checkpoint(os.path.join(args.resume, f"model_{steps_done}.bin"))
+        start_step, saved_B, saved_T, next_batch, rng_state[0] = read_run_state(
+            os.path.join(args.resume, f"state_{steps_done}.bin"), model)
+        if (saved_B, saved_T) != (B, T):
+            raise InputError(f"--resume {args.resume}: the run used -b {saved_B} -t {saved_T}; resume it with the same")
+        if start_step > args.steps:
+            raise InputError(f"--resume {args.resume}: already {start_step} steps done, more than --steps {args.steps}")
+        print(f"resuming from {args.resume} after {start_step} steps")
+    elif args.init:
+        model = gpt2_build_from_random(args.init, args.seed)
+    else:
+        model = gpt2_build_from_checkpoint(args.checkpoint)
     c = model.config
     print(f"[GPT-2] max_seq_len: {c.max_seq_len}, vocab_size: {c.vocab_size}, padded_vocab_size: "
           f"{c.padded_vocab_size}, num_layers: {c.num_layers}, num_heads: {c.num_heads}, channels: {c.channels}")
     print(f"num_parameters: {model.params_memory.size}")
     if T > c.max_seq_len:
         raise InputError(f"--seq-len {T} exceeds the model's max_seq_len {c.max_seq_len}")
+    if args.sample_every > 0 and args.gen_tokens > c.max_seq_len:
+        raise InputError(f"--gen-tokens {args.gen_tokens} exceeds the model's max_seq_len {c.max_seq_len}")
 
-    train_loader = DataLoader(read_tokens(args.train_data), B, T, args.train_data)
-    val_loader = DataLoader(read_tokens(args.val_data), B, T, args.val_data)
+    train_loader = DataLoader(read_tokens(args.train_data, c.vocab_size), B, T, args.train_data)
+    val_loader = DataLoader(read_tokens(args.val_data, c.vocab_size), B, T, args.val_data)
+    train_loader.current_batch = next_batch
     print(f"train dataset num_batches: {train_loader.num_batches}")
     print(f"val dataset num_batches: {val_loader.num_batches}")
     decode = make_decoder(args.checkpoint)
-    rng_state = [args.seed]  # the sampler's xorshift state
 
-    for step in range(args.steps + 1):
+    for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
         # once in a while estimate the validation loss
-        if step % args.val_every == 0 or last_step:
+        if args.val_every > 0 and (step % args.val_every == 0 or last_step):
             print(f"val loss {evaluate(model, val_loader, args.val_batches):f}")
         # once in a while print a sample from the model
         if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step):
@@ -710,10 +836,15 @@ def main(args):
         t0 = time.perf_counter()
         inputs, targets = train_loader.next_batch()
         loss = gpt2_forward(model, inputs, targets)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"step {step}: train loss is {loss}; stopped before the update touched "
+                                     f"the weights (a lower --lr may help)")
         gpt2_backward(model)
         gpt2_update(model, args.lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1)
         t1 = time.perf_counter()
         print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms)")
+        if args.output_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+            save_checkpoint(args.output_dir, model, step + 1, train_loader, rng_state)
 
     if args.output:
         gpt2_write_checkpoint(model, args.output)
@@ -726,3 +857,6 @@ if __name__ == "__main__":
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

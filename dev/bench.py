@@ -200,7 +200,7 @@ def peak_rss_of(cmd):
 def torch_child(args):
     # the PyTorch step alone, so that its peak RSS can be measured apart from ours
     model = tg.gpt2_build_from_random(args.depth, seed=0)
-    x, y = tg.DataLoader(tg.read_tokens(args.data), args.batch_size, args.seq_len).next_batch()
+    x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), args.batch_size, args.seq_len).next_batch()
     import torch
     gpt, optimizer = torch_model_from(model)
     del model
@@ -212,7 +212,7 @@ def torch_child(args):
 
 def bench(args, depth, B, T, torch_too, show_breakdown):
     model = tg.gpt2_build_from_random(depth, seed=0)
-    x, y = tg.DataLoader(tg.read_tokens(args.data), B, T).next_batch()
+    x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), B, T).next_batch()
     runners = {"numpy (ours)": lambda step: numpy_step(model, x, y, step)}
     if torch_too:
         import torch

@@ -78,8 +78,8 @@ def test_tokens_both_formats(tmp_path):
     tokens = list(range(100, 130))
     write_tokens(tmp_path / "new.bin", tokens)
     (tmp_path / "old.bin").write_bytes(np.array(tokens, dtype="<i4").tobytes())
-    assert list(tg.read_tokens(str(tmp_path / "new.bin"))) == tokens
-    assert list(tg.read_tokens(str(tmp_path / "old.bin"))) == tokens
+    assert list(tg.read_tokens(str(tmp_path / "new.bin"), 200)) == tokens
+    assert list(tg.read_tokens(str(tmp_path / "old.bin"), 200)) == tokens
 
 
 def test_dataloader_is_consecutive_and_wraps():
@@ -158,7 +158,7 @@ def test_missing_checkpoint_names_both_routes(tmp_path):
 def test_bad_token_file_is_one_clear_line(tmp_path):
     handmade_checkpoint(tmp_path / "model.bin")
     (tmp_path / "bad.bin").write_bytes(header(20240520, 1, 1000) + b"\0\0" * 10)  # far fewer tokens than claimed
-    result = run("train_gpt2.py", "--checkpoint", str(tmp_path / "model.bin"), "-t", "4", "--train-data", str(tmp_path / "bad.bin"))
+    result = run("train_gpt2.py", "--checkpoint", str(tmp_path / "model.bin"), "-t", "4", "--sample-every", "0", "--train-data", str(tmp_path / "bad.bin"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "bad.bin" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

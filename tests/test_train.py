@@ -89,5 +89,5 @@ def test_training_from_scratch_lowers_the_loss(shakespeare_tokens, tmp_path):
     assert "generating:" in result.stdout
     # the trained model is an llm.c checkpoint that loads again and gives the same validation loss
     model = tg.gpt2_build_from_checkpoint(str(output))
-    val_loader = tg.DataLoader(tg.read_tokens(str(shakespeare_tokens / "tiny_shakespeare_val.bin")), 4, 32)
+    val_loader = tg.DataLoader(tg.read_tokens(str(shakespeare_tokens / "tiny_shakespeare_val.bin"), 50257), 4, 32)
     assert tg.evaluate(model, val_loader, 5) == pytest.approx(val[-1], abs=1e-6)
