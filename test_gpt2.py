@@ -14,7 +14,6 @@ each step's loss with PyTorch's.
 It ends with `overall okay: 1` (exit 0) or `overall okay: 0` (exit 1).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -86,7 +85,7 @@ def check_tensor(a, b, label, tol):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Compare train_gpt2.py with a PyTorch debug state, as llm.c's test_gpt2.c does.")
+    parser = tg.ArgumentParser(description="Compare train_gpt2.py with a PyTorch debug state, as llm.c's test_gpt2.c does.")
     parser.add_argument("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint")
     parser.add_argument("--state", default="gpt2_124M_debug_state.bin", help="llm.c debug state written by PyTorch")
     parser.add_argument("--expected-losses", metavar="FILE",

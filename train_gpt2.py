@@ -688,7 +688,7 @@ def read_run_state(path, model):
                              f"({expected_size:,} bytes expected)")
         model.m_memory = np.fromfile(f, dtype="<f4", count=n)
         model.v_memory = np.fromfile(f, dtype="<f4", count=n)
-    steps_done, B, T, next_batch, rng = (int(x) for x in header[2:8])
+    steps_done, _, B, T, next_batch, rng = (int(x) for x in header[2:8])
     return steps_done, B, T, next_batch, rng
 
 
@@ -822,6 +822,7 @@ def main(args):
     print(f"val dataset num_batches: {val_loader.num_batches}")
     decode = make_decoder(args.checkpoint)
 
+    np.seterr(all="ignore")  # inf and nan are caught below, with a clearer message than NumPy's warnings
     for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
         # once in a while estimate the validation loss
