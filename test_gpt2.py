@@ -100,8 +100,7 @@ def parse_args(argv=None):
 def main(args):
     model = tg.gpt2_build_from_checkpoint(args.checkpoint)
     c = model.config
-    print(f"[GPT-2] max_seq_len: {c.max_seq_len}, vocab_size: {c.vocab_size}, padded_vocab_size: "
-          f"{c.padded_vocab_size}, num_layers: {c.num_layers}, num_heads: {c.num_heads}, channels: {c.channels}")
+    print(f"[GPT-2] {c}")
     x, y, expected_logits, expected_loss, expected_grads = read_debug_state(args.state, c)
     B, T = x.shape
     print(f"[State] batch_size: {B}, seq_len: {T}")

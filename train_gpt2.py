@@ -218,6 +218,11 @@ class GPT2Config:
     num_heads: int  # number of heads in attention, e.g. 12
     channels: int  # number of channels, e.g. 768
 
+    def __str__(self):
+        return (f"max_seq_len: {self.max_seq_len}, vocab_size: {self.vocab_size}, padded_vocab_size: "
+                f"{self.padded_vocab_size}, num_layers: {self.num_layers}, num_heads: {self.num_heads}, "
+                f"channels: {self.channels}")
+
 
 def parameter_shapes(config):
     # the 16 parameter tensors, in the order of llm.c's checkpoint file
@@ -807,8 +812,7 @@ def main(args):
     else:
         model = gpt2_build_from_checkpoint(args.checkpoint)
     c = model.config
-    print(f"[GPT-2] max_seq_len: {c.max_seq_len}, vocab_size: {c.vocab_size}, padded_vocab_size: "
-          f"{c.padded_vocab_size}, num_layers: {c.num_layers}, num_heads: {c.num_heads}, channels: {c.channels}")
+    print(f"[GPT-2] {c}")
     print(f"num_parameters: {model.params_memory.size}")
     if T > c.max_seq_len:
         raise InputError(f"--seq-len {T} exceeds the model's max_seq_len {c.max_seq_len}")
