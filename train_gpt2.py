@@ -481,20 +481,25 @@ def adamw_inplace(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_de
         p -= tmp
 
 
-def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t):
-    # AdamW over all parameters at once: they live in one flat array, and so do their gradients
-    # and the two moments (allocated on the first update).
+def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, decayed=None):
+    # AdamW over all parameters, with weight decay on every tensor as llm.c's CPU code does, or only
+    # on the tensors named in decayed. The two moments are allocated on the first update.
     if model.m_memory is None:
         model.m_memory = np.zeros_like(model.params_memory)
         model.v_memory = np.zeros_like(model.params_memory)
-    arrays = (model.params_memory, model.grads_memory, model.m_memory, model.v_memory)
+    tensors = [point_parameters(memory, model.config) for memory in
+               (model.params_memory, model.grads_memory, model.m_memory, model.v_memory)]
     # NumPy lets go of Python's lock (the GIL) inside its loops, so threads can update disjoint
-    # parts of the arrays at the same time: one part per CPU core
-    parts = np.linspace(0, model.params_memory.size, ADAMW_THREADS + 1).astype(int)
+    # parts of the arrays at the same time: each tensor is cut into one part per CPU core
     with ThreadPoolExecutor(ADAMW_THREADS) as pool:
-        jobs = [pool.submit(adamw_inplace, *(a[lo:hi] for a in arrays),
-                            learning_rate, beta1, beta2, eps, weight_decay, t)
-                for lo, hi in zip(parts[:-1], parts[1:])]
+        jobs = []
+        for name in model.params:
+            param, grad, m, v = (views[name].reshape(-1) for views in tensors)
+            wd = weight_decay if decayed is None or name in decayed else 0.0
+            parts = np.linspace(0, param.size, ADAMW_THREADS + 1).astype(int)
+            for lo, hi in zip(parts[:-1], parts[1:]):
+                jobs.append(pool.submit(adamw_inplace, param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi],
+                                        learning_rate, beta1, beta2, eps, wd, t))
         for job in jobs:
             job.result()  # (re-raises an exception from the thread, if any)
 
@@ -644,15 +649,140 @@ def sample_mult(probabilities, coin):
     return min(i, len(probabilities) - 1)  # in case of rounding errors
 
 
-def gpt2_sample(model, num_tokens, rng_state, eot_token):
-    # generate num_tokens - 1 tokens after <|endoftext|>, re-running the forward pass over the whole
-    # sequence for every new token, as llm.c's CPU code does (wasteful but simple: no KV cache)
-    tokens = [eot_token]
-    for _ in range(1, num_tokens):
+def sample_token(logits, V, rng_state, temperature=1.0, top_k=0):
+    # draw the next token from the logits (Vp,) of the last position. With temperature 1 and no
+    # top-k this is exactly llm.c's sampler: softmax over the first V logits, then the inverse CDF
+    # at a random coin. A temperature below 1 sharpens the distribution, above 1 flattens it;
+    # top-k keeps only the k most likely tokens (top-k 1 always takes the most likely: greedy).
+    logits = logits[:V]
+    if temperature != 1.0:
+        logits = logits / temperature  # (V,)
+    if top_k:
+        kth_largest = np.partition(logits, V - top_k)[V - top_k]
+        logits = np.where(logits >= kth_largest, logits, -np.inf)  # (V,) the rest get probability 0
+    probs = softmax_forward(logits[None, None], V)[0, 0]  # (V,)
+    return sample_mult(probs, random_f32(rng_state))
+
+
+def gpt2_sample(model, prompt, num_tokens, rng_state, temperature=1.0, top_k=0):
+    # generate num_tokens tokens after the prompt (a list of token ids, llm.c starts from just
+    # <|endoftext|>), re-running the forward pass over the whole sequence for every new token, as
+    # llm.c's CPU code does: wasteful, but simple. gpt2_generate below is the fast way.
+    tokens = list(prompt)
+    for _ in range(num_tokens):
         gpt2_forward(model, np.array([tokens], dtype=np.int32))
-        probs = model.acts["probs"][0, -1]  # (V,) the distribution of the next token
-        tokens.append(sample_mult(probs, random_f32(rng_state)))
+        logits = model.acts["logits"][0, -1]  # (Vp,) the last position predicts the next token
+        tokens.append(sample_token(logits, model.config.vocab_size, rng_state, temperature, top_k))
         yield tokens[-1]
+
+
+# ----------------------------------------------------------------------------
+# sampling with a KV cache (beyond llm.c's CPU loop)
+# Attention is causal: once a position's keys and values are computed, later tokens never change
+# them. So we keep them in a cache, and each new token needs only its own position's forward
+# pass, one row through every layer, instead of the whole sequence's. Same tokens, far less work.
+
+
+def attention_forward_cached(qkv, kv_cache, pos, NH):
+    # qkv is (1,1,3C): the query, key and value of the position pos. kv_cache is (2,NH,maxlen,hs):
+    # the keys and values of positions 0..pos-1, to which this position's are added.
+    C = qkv.shape[-1] // 3
+    hs = C // NH
+    q, k, v = qkv.reshape(3, NH, hs)  # (1,1,3C) -> 3 x (NH,hs)
+    kv_cache[0, :, pos], kv_cache[1, :, pos] = k, v
+    keys, values = kv_cache[0, :, :pos + 1], kv_cache[1, :, :pos + 1]  # (NH,pos+1,hs) each
+    # the newest position may look at every position so far: no mask needed
+    att = (keys @ q[:, :, None])[:, :, 0] * (1.0 / math.sqrt(hs))  # (NH,pos+1,hs) @ (NH,hs,1) -> (NH,pos+1)
+    att = np.exp(att - att.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)
+    out = (att[:, None, :] @ values)[:, 0]  # (NH,1,pos+1) @ (NH,pos+1,hs) -> (NH,hs)
+    return out.reshape(1, 1, C)
+
+
+def gpt2_forward_cached(model, token, pos, kv_cache):
+    # gpt2_forward for the single token at position pos, using and filling kv_cache (L,2,NH,maxlen,hs);
+    # returns the logits (Vp,) of the next token. Inference only: nothing is kept for a backward pass.
+    p, NH = model.params, model.config.num_heads
+    residual, _ = encoder_forward(np.array([[token]]), p["wte"], p["wpe"][pos:pos + 1])  # (1,1,C)
+    for l in range(model.config.num_layers):
+        ln1, _ = layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l])
+        qkv, _ = matmul_forward(ln1, p["qkvw"][l], p["qkvb"][l])  # (1,1,3C)
+        atty = attention_forward_cached(qkv, kv_cache[l], pos, NH)  # (1,1,C)
+        attproj, _ = matmul_forward(atty, p["attprojw"][l], p["attprojb"][l])
+        residual2, _ = residual_forward(residual, attproj)
+        ln2, _ = layernorm_forward(residual2, p["ln2w"][l], p["ln2b"][l])
+        fch, _ = matmul_forward(ln2, p["fcw"][l], p["fcb"][l])  # (1,1,4C)
+        fch_gelu, _ = gelu_forward(fch)
+        fcproj, _ = matmul_forward(fch_gelu, p["fcprojw"][l], p["fcprojb"][l])  # (1,1,C)
+        residual, _ = residual_forward(residual2, fcproj)
+    lnf, _ = layernorm_forward(residual, p["lnfw"], p["lnfb"])
+    logits, _ = matmul_forward(lnf, p["wte"], None)  # (1,1,Vp)
+    return logits[0, 0]
+
+
+def gpt2_generate(model, prompt, num_tokens, rng_state, temperature=1.0, top_k=0):
+    # the same tokens as gpt2_sample, at one position's forward pass per token
+    c = model.config
+    kv_cache = np.zeros((c.num_layers, 2, c.num_heads, len(prompt) + num_tokens, c.channels // c.num_heads),
+                        dtype=model.params_memory.dtype)  # (L,2,NH,maxlen,hs)
+    for pos, token in enumerate(prompt[:-1]):
+        gpt2_forward_cached(model, token, pos, kv_cache)  # the prompt fills the cache
+    token = prompt[-1]
+    for pos in range(len(prompt) - 1, len(prompt) - 1 + num_tokens):
+        logits = gpt2_forward_cached(model, token, pos, kv_cache)  # (Vp,)
+        token = sample_token(logits, c.vocab_size, rng_state, temperature, top_k)
+        yield token
+
+
+# ----------------------------------------------------------------------------
+# training options of llm.c's GPU trainer (beyond its CPU loop, whose defaults leave them off)
+
+
+def accumulate_gradients(model, loader, grad_accum):
+    # forward and backward passes over grad_accum consecutive batches: the gradients end up as
+    # their mean, exactly as if the batches had been one batch of grad_accum * B rows (the loss is
+    # a mean over all positions). Returns the mean loss. With grad_accum = 1, llm.c's plain step.
+    grad_sum, loss_sum = None, 0.0
+    for _ in range(grad_accum):
+        inputs, targets = loader.next_batch()
+        loss_sum += gpt2_forward(model, inputs, targets)
+        gpt2_backward(model)  # writes model.grads_memory
+        if grad_accum > 1:
+            grad_sum = model.grads_memory.copy() if grad_sum is None else np.add(grad_sum, model.grads_memory, out=grad_sum)
+    if grad_accum > 1:
+        np.multiply(grad_sum, 1.0 / grad_accum, out=model.grads_memory)
+    return loss_sum / grad_accum
+
+
+def grad_norm(grads_memory):
+    # the global norm of all gradients, sqrt(sum g^2), summed in float64 for accuracy
+    chunk = 1 << 20
+    return math.sqrt(sum(float(np.dot(g, g)) for g in (grads_memory[i:i + chunk] for i in range(0, grads_memory.size, chunk))))
+
+
+def clip_gradients(model, max_norm):
+    # scale all gradients down together if their global norm exceeds max_norm; returns the norm before
+    norm = grad_norm(model.grads_memory)
+    if norm > max_norm:
+        model.grads_memory *= max_norm / norm
+    return norm
+
+
+def get_lr(step, args):
+    # the learning rate at a training step (from 0): linear warmup over --warmup-steps, then cosine
+    # decay to --lr-min-frac of --lr at the last step. The defaults (no warmup, min frac 1) keep
+    # llm.c's constant learning rate.
+    min_lr = args.lr * args.lr_min_frac
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    decay_steps = args.steps - 1 - args.warmup_steps
+    decay_ratio = (step - args.warmup_steps) / decay_steps if decay_steps > 0 else 1.0
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(decay_ratio, 1.0)))  # from 1 down to 0
+    return min_lr + coeff * (args.lr - min_lr)
+
+
+# which tensors AdamW decays with --decay-2d-only: the weight matrices, not biases or LayerNorms
+MATRICES = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw")
 
 
 # ----------------------------------------------------------------------------
@@ -729,35 +859,49 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = ArgumentParser(description="Train GPT-2 in NumPy, as llm.c's train_gpt2.c does "
                                         "(defaults are llm.c's).")
-    parser.add_argument("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint to start from")
-    parser.add_argument("--init", choices=list(DEPTHS),
-                        help="instead of a checkpoint, start from a randomly initialized GPT-2 of this depth")
-    parser.add_argument("--train-data", default="data/tiny_shakespeare_train.bin", help="training tokens")
-    parser.add_argument("--val-data", default="data/tiny_shakespeare_val.bin", help="validation tokens")
-    parser.add_argument("-b", "--batch-size", type=int, default=4, help="batch size B")
-    parser.add_argument("-t", "--seq-len", type=int, default=64, help="sequence length T (at most the model's maxT)")
-    parser.add_argument("--steps", type=int, default=40, help="number of training steps")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (on every tensor)")
-    parser.add_argument("--val-every", type=int, default=10, help="evaluate the validation loss every N steps (0 = never)")
-    parser.add_argument("--val-batches", type=int, default=5, help="validation batches per evaluation")
-    parser.add_argument("--sample-every", type=int, default=20, help="sample every N steps (0 = never)")
-    parser.add_argument("--gen-tokens", type=int, default=64, help="length of each sample, in tokens")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampler (and of --init)")
-    parser.add_argument("--output", help="write the trained model here, as an llm.c checkpoint")
-    parser.add_argument("--output-dir", help="write model_<step>.bin and state_<step>.bin here (see --save-every)")
-    parser.add_argument("--save-every", type=int, default=0,
-                        help="with --output-dir: save every N steps, and at the end (0 = only at the end)")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue from the newest model/state pair in DIR, up to --steps in total "
-                             "(saving there too, unless --output-dir says otherwise)")
+    add = parser.add_argument
+    add("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint to start from")
+    add("--init", choices=list(DEPTHS), help="instead of a checkpoint, start from a randomly initialized GPT-2 of this depth")
+    add("--train-data", default="data/tiny_shakespeare_train.bin", help="training tokens")
+    add("--val-data", default="data/tiny_shakespeare_val.bin", help="validation tokens")
+    add("-b", "--batch-size", type=int, default=4, help="batch size B")
+    add("-t", "--seq-len", type=int, default=64, help="sequence length T (at most the model's maxT)")
+    add("--steps", type=int, default=40, help="number of training steps (0: just evaluate and sample)")
+    add("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on every tensor as llm.c's CPU code does")
+    add("--val-every", type=int, default=10, help="evaluate the validation loss every N steps (0 = never)")
+    add("--val-batches", type=int, default=5, help="validation batches per evaluation")
+    add("--seed", type=int, default=1337, help="seed of the sampler (and of --init)")
+    add("--output", help="write the trained model here, as an llm.c checkpoint")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sample-every", type=int, default=20, help="sample every N steps and at the end (0 = never)")
+    group.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate per sample")
+    group.add_argument("--prompt", help="text to continue (default: start from <|endoftext|>); needs tiktoken")
+    group.add_argument("--temperature", type=float, default=1.0, help="below 1: more predictable, above 1: more random")
+    group.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = all)")
+    group = parser.add_argument_group("training options of llm.c's GPU trainer (off by default)")
+    group.add_argument("--grad-accum", type=int, default=1, help="sum the gradients of K batches per step")
+    group.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradients' global norm to X (0 = off)")
+    group.add_argument("--warmup-steps", type=int, default=0, help="linear learning rate warmup over W steps")
+    group.add_argument("--lr-min-frac", type=float, default=1.0,
+                       help="cosine decay of the learning rate to this fraction of --lr at the last step (1 = no decay)")
+    group.add_argument("--decay-2d-only", action="store_true",
+                       help="weight decay only on the weight matrices, as nanoGPT and llm.c's GPU trainer do")
+    group.add_argument("--log", metavar="FILE", help="write llm.c's main.log format: s:STEP trl:LOSS / s:STEP tel:LOSS")
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument("--output-dir", help="write model_<step>.bin and state_<step>.bin here (see --save-every)")
+    group.add_argument("--save-every", type=int, default=0, help="with --output-dir: save every N steps, and at the end (0 = only at the end)")
+    group.add_argument("--resume", metavar="DIR", help="continue from the newest model/state pair in DIR, up to --steps in total "
+                                                       "(saving there too, unless --output-dir says otherwise)")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "seq_len", "val_batches", "gen_tokens"):
+    for name in ("batch_size", "seq_len", "val_batches", "gen_tokens", "grad_accum", "temperature"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
-    for name in ("steps", "val_every", "sample_every", "save_every"):
+    for name in ("steps", "val_every", "sample_every", "save_every", "top_k", "grad_clip", "warmup_steps"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative, not {getattr(args, name)}")
+    if not 0.0 <= args.lr_min_frac <= 1.0:
+        raise InputError(f"--lr-min-frac must be between 0 and 1, not {args.lr_min_frac}")
     if args.save_every and not (args.output_dir or args.resume):
         raise InputError("--save-every needs --output-dir (where to save)")
     return args
@@ -773,84 +917,127 @@ def evaluate(model, val_loader, num_batches):
     return val_loss / num_batches
 
 
-def print_sample(model, args, rng_state, decode):
+def encode_prompt(text, vocab_size):
+    # the prompt's tokens, after <|endoftext|> as at the start of any document
+    eot = min(GPT2_EOT, vocab_size - 1)
+    if text is None:
+        return [eot]
+    try:
+        import tiktoken
+        tokens = tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    except Exception as e:
+        raise InputError(f"--prompt needs tiktoken's GPT-2 tokenizer, which could not load ({type(e).__name__})") from None
+    if max(tokens, default=0) >= vocab_size:
+        raise InputError(f"--prompt has tokens beyond the model's vocab size {vocab_size}")
+    return [eot] + tokens
+
+
+def print_sample(model, args, prompt, rng_state, decode):
     print("generating:\n---")
     # tokens are byte strings, and a character can be split across two tokens:
     # an incremental decoder holds the partial bytes until the character is complete
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    eot_token = min(GPT2_EOT, model.config.vocab_size - 1)
-    for token in gpt2_sample(model, args.gen_tokens, rng_state, eot_token):
-        if decode is None:
-            print(token, end=" ", flush=True)  # no tokenizer available: print the ids
-        else:
-            print(utf8.decode(decode(token)), end="", flush=True)
-    print("\n---")
+    show = (lambda token: print(token, end=" ", flush=True)) if decode is None else \
+        (lambda token: print(utf8.decode(decode(token)), end="", flush=True))  # no tokenizer: print the ids
+    for token in prompt[1:]:
+        show(token)
+    t0 = time.perf_counter()
+    for token in gpt2_generate(model, prompt, args.gen_tokens, rng_state, args.temperature, args.top_k):
+        show(token)
+    print(f"\n---\ngenerated {args.gen_tokens} tokens in {(time.perf_counter() - t0) * 1000:.0f} ms")
 
 
 class NonFiniteLossError(Exception):
     """The loss became inf or nan: training stops before the update would spoil the weights."""
 
 
+def load_model(args):
+    # the model to train, and where its run starts: (model, steps done, train batch, sampler RNG state)
+    if args.init:
+        return gpt2_build_from_random(args.init, args.seed), 0, 0, args.seed
+    if not args.resume:
+        return gpt2_build_from_checkpoint(args.checkpoint), 0, 0, args.seed
+    steps_done = latest_checkpoint(args.resume)
+    if steps_done is None:
+        raise InputError(f"--resume {args.resume}: no model_<step>.bin with its state_<step>.bin in it")
+    model = gpt2_build_from_checkpoint(os.path.join(args.resume, f"model_{steps_done}.bin"))
+    steps_done, B, T, next_batch, rng = read_run_state(os.path.join(args.resume, f"state_{steps_done}.bin"), model)
+    if (B, T) != (args.batch_size, args.seq_len):
+        raise InputError(f"--resume {args.resume}: the run used -b {B} -t {T}; resume it with the same")
+    if steps_done > args.steps:
+        raise InputError(f"--resume {args.resume}: already {steps_done} steps done, more than --steps {args.steps}")
+    print(f"resuming from {args.resume} after {steps_done} steps")
+    return model, steps_done, next_batch, rng
+
+
 def main(args):
     B, T = args.batch_size, args.seq_len
-    start_step, next_batch, rng_state = 0, 0, [args.seed]  # rng_state: the sampler's xorshift state
     if args.resume:
+        args.init = None
         args.output_dir = args.output_dir or args.resume
-        steps_done = latest_checkpoint(args.resume)
-        if steps_done is None:
-            raise InputError(f"--resume {args.resume}: no model_<step>.bin with its state_<step>.bin in it")
-        model = gpt2_build_from_checkpoint(os.path.join(args.resume, f"model_{steps_done}.bin"))
-        start_step, saved_B, saved_T, next_batch, rng_state[0] = read_run_state(
-            os.path.join(args.resume, f"state_{steps_done}.bin"), model)
-        if (saved_B, saved_T) != (B, T):
-            raise InputError(f"--resume {args.resume}: the run used -b {saved_B} -t {saved_T}; resume it with the same")
-        if start_step > args.steps:
-            raise InputError(f"--resume {args.resume}: already {start_step} steps done, more than --steps {args.steps}")
-        print(f"resuming from {args.resume} after {start_step} steps")
-    elif args.init:
-        model = gpt2_build_from_random(args.init, args.seed)
-    else:
-        model = gpt2_build_from_checkpoint(args.checkpoint)
+    model, start_step, next_batch, seed = load_model(args)
+    rng_state = [seed]  # the sampler's xorshift state
     c = model.config
     print(f"[GPT-2] {c}")
     print(f"num_parameters: {model.params_memory.size}")
     if T > c.max_seq_len:
         raise InputError(f"--seq-len {T} exceeds the model's max_seq_len {c.max_seq_len}")
-    if args.sample_every > 0 and args.gen_tokens > c.max_seq_len:
-        raise InputError(f"--gen-tokens {args.gen_tokens} exceeds the model's max_seq_len {c.max_seq_len}")
+    prompt = encode_prompt(args.prompt, c.vocab_size) if args.sample_every or args.steps == 0 else []
+    if prompt and len(prompt) + args.gen_tokens > c.max_seq_len:
+        raise InputError(f"the prompt ({len(prompt)} tokens) and --gen-tokens {args.gen_tokens} exceed the model's "
+                         f"max_seq_len {c.max_seq_len}")
+    if args.top_k > c.vocab_size:
+        raise InputError(f"--top-k {args.top_k} exceeds the vocab size {c.vocab_size}")
 
-    train_loader = DataLoader(read_tokens(args.train_data, c.vocab_size), B, T, args.train_data)
-    val_loader = DataLoader(read_tokens(args.val_data, c.vocab_size), B, T, args.val_data)
-    train_loader.current_batch = next_batch
-    print(f"train dataset num_batches: {train_loader.num_batches}")
-    print(f"val dataset num_batches: {val_loader.num_batches}")
+    if args.steps > start_step:  # --steps 0 only evaluates and samples: no training data needed
+        train_loader = DataLoader(read_tokens(args.train_data, c.vocab_size), B, T, args.train_data)
+        train_loader.current_batch = next_batch
+        print(f"train dataset num_batches: {train_loader.num_batches}")
+    if args.val_every:
+        val_loader = DataLoader(read_tokens(args.val_data, c.vocab_size), B, T, args.val_data)
+        print(f"val dataset num_batches: {val_loader.num_batches}")
     decode = make_decoder(args.checkpoint)
+    log = open(args.log, "a" if args.resume else "w") if args.log else None  # llm.c's logger appends on resume
+    decayed = MATRICES if args.decay_2d_only else None  # None: every tensor, as llm.c's CPU code
 
     np.seterr(all="ignore")  # inf and nan are caught below, with a clearer message than NumPy's warnings
+    t_start = time.perf_counter()
     for step in range(start_step, args.steps + 1):
         last_step = step == args.steps
         # once in a while estimate the validation loss
         if args.val_every > 0 and (step % args.val_every == 0 or last_step):
-            print(f"val loss {evaluate(model, val_loader, args.val_batches):f}")
+            val_loss = evaluate(model, val_loader, args.val_batches)
+            print(f"val loss {val_loss:f}")
+            if log:
+                print(f"s:{step} tel:{val_loss:.4f}", file=log, flush=True)
         # once in a while print a sample from the model
-        if args.sample_every > 0 and step > 0 and (step % args.sample_every == 0 or last_step):
-            print_sample(model, args, rng_state, decode)
+        if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last_step):
+            print_sample(model, args, prompt, rng_state, decode)
         if last_step:
             break
         # do a training step
         t0 = time.perf_counter()
-        inputs, targets = train_loader.next_batch()
-        loss = gpt2_forward(model, inputs, targets)
+        loss = accumulate_gradients(model, train_loader, args.grad_accum)  # forward and backward
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"step {step}: train loss is {loss}; stopped before the update touched "
                                      f"the weights (a lower --lr may help)")
-        gpt2_backward(model)
-        gpt2_update(model, args.lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1)
+        norm = clip_gradients(model, args.grad_clip) if args.grad_clip else None
+        lr = get_lr(step, args)
+        gpt2_update(model, lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1, decayed)
         t1 = time.perf_counter()
-        print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms)")
+        # llm.c's line, then throughput and progress
+        elapsed, done = t1 - t_start, step + 1 - start_step
+        eta = elapsed / done * (args.steps - step - 1)
+        extra = f", norm {norm:.4f}" if norm is not None else ""
+        print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms) "
+              f"{args.grad_accum * B * T / (t1 - t0):.0f} tokens/s{extra}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+        if log:
+            print(f"s:{step} trl:{loss:.4f} lr:{lr:.6f}" + (f" norm:{norm:.2f}" if norm is not None else ""), file=log, flush=True)
         if args.output_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
             save_checkpoint(args.output_dir, model, step + 1, train_loader, rng_state)
 
+    if log:
+        log.close()
     if args.output:
         gpt2_write_checkpoint(model, args.output)
         print(f"wrote {args.output}")

@@ -149,7 +149,8 @@ def test_non_finite_loss_leaves_the_weights_alone(tmp_path, data, monkeypatch):
     model.params["lnfw"][:] = np.inf
     before = model.params_memory.copy()
     monkeypatch.setattr(tg, "gpt2_build_from_checkpoint", lambda path: model)
-    args = tg.parse_args(["--train-data", data[0], "--val-data", data[1], "-b", "2", "-t", "8", "--val-every", "0"])
+    args = tg.parse_args(["--train-data", data[0], "--val-data", data[1], "-b", "2", "-t", "8", "--val-every", "0",
+                          "--sample-every", "0"])
     with pytest.raises(tg.NonFiniteLossError, match="step 0"):
         tg.main(args)
     np.testing.assert_array_equal(model.params_memory, before)

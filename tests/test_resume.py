@@ -37,7 +37,8 @@ def train_args(data, *args):
 
 def transcript(stdout):
     # everything a run prints about the model from its first loss on, samples included, without timings
-    lines = [re.sub(r" \(took [\d.]+ ms\)", "", line) for line in stdout.splitlines()]
+    lines = [re.sub(r" \(took .*", "", line) for line in stdout.splitlines()]
+    lines = [line for line in lines if not line.startswith("generated ")]  # "generated N tokens in X ms"
     first = next(i for i, line in enumerate(lines) if line.startswith(("val loss", "step ")))
     return [line for line in lines[first:] if not line.startswith(("saved ", "wrote "))]
 
