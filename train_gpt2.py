@@ -888,6 +888,14 @@ def parse_args(argv=None):
     group.add_argument("--decay-2d-only", action="store_true",
                        help="weight decay only on the weight matrices, as nanoGPT and llm.c's GPU trainer do")
     group.add_argument("--log", metavar="FILE", help="write llm.c's main.log format: s:STEP trl:LOSS / s:STEP tel:LOSS")
+    group = parser.add_argument_group("getting GPT-2's weights")
+    group.add_argument("--download", action="store_true",
+                       help="first fetch what is missing of llm.c's starter pack (gpt2_124M.bin, its debug state, "
+                            "gpt2_tokenizer.bin) into the --checkpoint's folder")
+    group.add_argument("--download-data", action="store_true",
+                       help="first fetch the Tiny Shakespeare token files into the --train-data's folder")
+    group.add_argument("--download-url", metavar="BASE", default="https://huggingface.co/datasets/karpathy/llmc-starter-pack/resolve/main",
+                       help="where the starter pack's files are (a mirror)")
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--output-dir", help="write model_<step>.bin and state_<step>.bin here (see --save-every)")
     group.add_argument("--save-every", type=int, default=0, help="with --output-dir: save every N steps, and at the end (0 = only at the end)")
@@ -975,6 +983,13 @@ def main(args):
     if args.resume:
         args.init = None
         args.output_dir = args.output_dir or args.resume
+    if args.download or args.download_data:
+        from download_starter_pack import DownloadError, download_starter_pack  # standard library only
+        try:
+            download_starter_pack(os.path.dirname(args.checkpoint) if args.download else None,
+                                  os.path.dirname(args.train_data) if args.download_data else None, args.download_url)
+        except DownloadError as e:
+            sys.exit(f"error: {e}")  # a network failure: one line, exit status 1
     model, start_step, next_batch, seed = load_model(args)
     rng_state = [seed]  # the sampler's xorshift state
     c = model.config
@@ -1052,3 +1067,4 @@ if __name__ == "__main__":
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
