@@ -232,7 +232,20 @@ def bench(args, depth, B, T, torch_too, show_breakdown):
     result = dict(medians=medians, floor=floor, flops=flops, first_loss=first_loss)
     if show_breakdown:
         result["breakdown"] = breakdown(model, x, y, steps=3)
+        result["sampling"] = sampling(model, num_tokens=64)
     return result
+
+
+def sampling(model, num_tokens):
+    # 64 tokens from <|endoftext|>: with the KV cache (median of 3), and llm.c's way, re-running the
+    # whole sequence for every token (once)
+    def run(sampler):
+        t0 = time.perf_counter()
+        for _ in sampler(model, [tg.GPT2_EOT], num_tokens, [1337]):
+            pass
+        return time.perf_counter() - t0
+    cached = statistics.median(run(tg.gpt2_generate) for _ in range(3))
+    return cached, run(tg.gpt2_sample)
 
 
 def main():
@@ -297,6 +310,10 @@ def main():
     print(f"  {'matmul floor (numpy sgemm)':<28} {r['floor'] * 1e3:8.1f} ms/step  "
           f"({r['flops'] / 1e9:.0f} GFLOP at {r['flops'] / r['floor'] / 1e9:.0f} GFLOP/s)")
     print(f"  {'ratio ours / floor':<28} {ours / r['floor']:8.2f}")
+
+    cached, naive = r["sampling"]
+    print(f"\nsampling 64 tokens: {cached * 1e3:.0f} ms with the KV cache ({cached / ours:.2f} x a training step), "
+          f"{naive * 1e3:.0f} ms re-running the sequence for each token as llm.c does")
 
     totals, step_time = r["breakdown"]
     print(f"\nwhere our step's time goes (mean of 3 timed steps, {step_time * 1e3:.0f} ms each with the timers on):")
