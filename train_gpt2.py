@@ -6,13 +6,15 @@ chains them into a forward pass, a backward pass and an AdamW update, exactly as
 the main loop at the bottom fine-tunes GPT-2 on Tiny Shakespeare and samples from it.
 
     python prepro_tinyshakespeare.py      # writes data/tiny_shakespeare_{train,val}.bin
-    python train_gpt2.py                  # fine-tunes gpt2_124M.bin (from llm.c's starter pack)
+    python train_gpt2.py --download       # fetches gpt2_124M.bin (llm.c's starter pack), fine-tunes it
     python train_gpt2.py --init d6        # or: trains a small GPT-2 from scratch, nothing downloaded
 
 What is deliberately left out, as in llm.c's reference: autograd, module classes, mixed
-precision, a GPU, multiple processes. What is added, each in its own small function: argument
-parsing, random initialization (--init), and writing the trained model back out (--output).
-Everything is float32, like the checkpoint; the files are llm.c's formats, byte for byte.
+precision, a GPU, multiple processes. What is added beyond llm.c's CPU loop comes after its core,
+each part in its own section: sampling with a KV cache, the training options of llm.c's GPU
+trainer (gradient accumulation, clipping, a learning-rate schedule, a loss log), checkpoints with
+exact resume, and argument parsing. The defaults are llm.c's. Everything is float32, like the
+checkpoint; the files are llm.c's formats, byte for byte.
 """
 
 import argparse
@@ -302,8 +304,8 @@ def check_file(path, what, hint):
 
 def gpt2_build_from_checkpoint(checkpoint_path):
     # reads llm.c's checkpoint: a 256-int32 header, then all parameters as float32
-    check_file(checkpoint_path, "checkpoint", "get gpt2_124M.bin from llm.c's starter pack (or run llm.c's "
-               "train_gpt2.py), or train from scratch with --init d6 / d12")
+    check_file(checkpoint_path, "checkpoint", "fetch llm.c's starter pack with --download (GPT-2 124M), convert "
+               "Hugging Face weights with dev/convert_hf.py, or train from scratch with --init d6")
     with open(checkpoint_path, "rb") as f:
         header = read_header(checkpoint_path, f, "GPT-2 checkpoint")
         if header[0] != CHECKPOINT_MAGIC:
