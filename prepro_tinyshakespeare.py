@@ -20,6 +20,8 @@ import urllib.request
 
 import numpy as np
 
+from train_gpt2 import write_file_atomic
+
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
 VAL_TOKENS = 32768  # the first 32,768 tokens (about 10%) are the validation split
@@ -83,17 +85,7 @@ def write_datafile(path, tokens):
     header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, len(tokens)]
     body = np.array(tokens, dtype="<u2")
     print(f"writing {len(tokens):,} tokens to {path} ({header.nbytes + body.nbytes:,} bytes)")
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            f.write(header.tobytes())
-            f.write(body.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    write_file_atomic(path, [header.tobytes(), body.tobytes()])  # the trainer's: temporary file, then rename
 
 
 def main(args):

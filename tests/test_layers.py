@@ -14,19 +14,20 @@ import train_gpt2 as tg
 RTOL, ATOL = 1e-6, 1e-8
 
 
-def numerical_grad(f, x, eps=1e-6):
-    # central differences of the scalar function f() with respect to every element of x (in place)
-    grad = np.zeros_like(x, dtype=np.float64)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
+def numerical_grad(f, x, eps=1e-6, indices=None):
+    # central differences of the scalar function f() with respect to the elements of x (changed in
+    # place and restored): all of them, shaped like x, or just those at the given flat indices
+    flat = x.reshape(-1)
+    grad = np.zeros(flat.size if indices is None else len(indices))
+    for j, i in enumerate(range(flat.size) if indices is None else indices):
         old = flat[i]
         flat[i] = old + eps
         plus = f()
         flat[i] = old - eps
         minus = f()
         flat[i] = old
-        gflat[i] = (plus - minus) / (2 * eps)
-    return grad
+        grad[j] = (plus - minus) / (2 * eps)
+    return grad.reshape(x.shape) if indices is None else grad
 
 
 def assert_close(analytic, numeric):
@@ -178,15 +179,7 @@ def test_whole_model_gradient():
         idx = rng.choice(param.size, size=min(20, param.size), replace=False)
         if name == "wte":
             idx = np.concatenate([idx, x.ravel(), y.ravel()])  # the rows that matter most
-        numeric = np.empty(idx.size)
-        for j, i in enumerate(idx):
-            old = param[i]
-            param[i] = old + 1e-6
-            plus = loss()
-            param[i] = old - 1e-6
-            minus = loss()
-            param[i] = old
-            numeric[j] = (plus - minus) / 2e-6
+        numeric = numerical_grad(loss, param, indices=idx)
         np.testing.assert_allclose(grad.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-9, err_msg=f"d{name}")
     # the padded rows of wte get no gradient
     assert np.all(model.grads["wte"][model.config.vocab_size:] == 0)
