@@ -749,17 +749,22 @@ def accumulate_gradients(model, loader, grad_accum):
         inputs, targets = loader.next_batch()
         loss_sum += gpt2_forward(model, inputs, targets)
         gpt2_backward(model)  # writes model.grads_memory
-        if grad_accum > 1:
-            grad_sum = model.grads_memory.copy() if grad_sum is None else np.add(grad_sum, model.grads_memory, out=grad_sum)
+        if grad_accum > 1 and grad_sum is None:
+            grad_sum = model.grads_memory.copy()
+        elif grad_accum > 1:
+            grad_sum += model.grads_memory
     if grad_accum > 1:
         np.multiply(grad_sum, 1.0 / grad_accum, out=model.grads_memory)
     return loss_sum / grad_accum
 
 
 def grad_norm(grads_memory):
-    # the global norm of all gradients, sqrt(sum g^2), summed in float64 for accuracy
-    chunk = 1 << 20
-    return math.sqrt(sum(float(np.dot(g, g)) for g in (grads_memory[i:i + chunk] for i in range(0, grads_memory.size, chunk))))
+    # the global norm of all gradients, sqrt(sum g^2): float32 sums of 1M-float chunks, added up in float64
+    total = 0.0
+    for start in range(0, grads_memory.size, 1 << 20):
+        g = grads_memory[start:start + (1 << 20)]
+        total += float(np.dot(g, g))
+    return math.sqrt(total)
 
 
 def clip_gradients(model, max_norm):
@@ -860,7 +865,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Train GPT-2 in NumPy, as llm.c's train_gpt2.c does "
-                                        "(defaults are llm.c's).")
+                                        "(defaults are llm.c's).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint to start from")
     add("--init", choices=list(DEPTHS), help="instead of a checkpoint, start from a randomly initialized GPT-2 of this depth")
@@ -882,7 +887,7 @@ def parse_args(argv=None):
     group.add_argument("--temperature", type=float, default=1.0, help="below 1: more predictable, above 1: more random")
     group.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = all)")
     group = parser.add_argument_group("training options of llm.c's GPU trainer (off by default)")
-    group.add_argument("--grad-accum", type=int, default=1, help="sum the gradients of K batches per step")
+    group.add_argument("--grad-accum", type=int, default=1, help="accumulate the gradients of K batches per step, as one batch of K*B rows")
     group.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradients' global norm to X (0 = off)")
     group.add_argument("--warmup-steps", type=int, default=0, help="linear learning rate warmup over W steps")
     group.add_argument("--lr-min-frac", type=float, default=1.0,
