@@ -919,6 +919,8 @@ def parse_args(argv=None):
         raise InputError(f"--lr-min-frac must be between 0 and 1, not {args.lr_min_frac}")
     if args.save_every and not (args.output_dir or args.resume):
         raise InputError("--save-every needs --output-dir (where to save)")
+    if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
+        raise InputError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
     return args
 
 
