@@ -919,8 +919,8 @@ def parse_args(argv=None):
         raise InputError(f"--lr-min-frac must be between 0 and 1, not {args.lr_min_frac}")
     if args.save_every and not (args.output_dir or args.resume):
         raise InputError("--save-every needs --output-dir (where to save)")
-    if args.output and not os.path.isdir(os.path.dirname(args.output) or "."):
-        raise InputError(f"--output {args.output}: the folder {os.path.dirname(args.output)} does not exist")
+    if args.output and os.path.isdir(args.output):
+        raise InputError(f"--output {args.output} is a directory; give a file name, such as {os.path.join(args.output, 'model.bin')}")
     return args
 
 
@@ -1063,6 +1063,7 @@ def main(args):
     if log:
         log.close()
     if args.output:
+        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         gpt2_write_checkpoint(model, args.output)
         print(f"wrote {args.output}")
 
