@@ -19,6 +19,7 @@ checkpoint; the files are llm.c's formats, byte for byte.
 
 import argparse
 import codecs
+import ctypes
 import math
 import os
 import sys
@@ -964,6 +965,20 @@ def print_sample(model, args, prompt, rng_state, decode):
     print(f"\n---\ngenerated {args.gen_tokens} tokens in {(time.perf_counter() - t0) * 1000:.0f} ms")
 
 
+def keep_freed_memory():
+    # NumPy gets its arrays from C's malloc. On Linux, glibc's malloc hands big blocks back to the
+    # operating system as soon as they are freed, so every step's activations and temporaries
+    # (about 500 MB for GPT-2 124M) come back as fresh pages, each one a page fault: about 10% of
+    # a step. Asking malloc to keep freed memory for reuse removes that, at no cost in peak memory.
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows): nothing to tune
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # take blocks up to 1 GB from the reusable heap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and don't give the heap's free memory back
+
+
 class NonFiniteLossError(Exception):
     """The loss became inf or nan: training stops before the update would spoil the weights."""
 
@@ -988,6 +1003,7 @@ def load_model(args):
 
 
 def main(args):
+    keep_freed_memory()
     B, T = args.batch_size, args.seq_len
     if args.resume:
         args.init = None

@@ -19,6 +19,7 @@ import ctypes
 import importlib.util
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -186,7 +187,48 @@ def torch_step(gpt, optimizer, x, y):
 
 
 # ----------------------------------------------------------------------------
-# peak memory, each in a process of its own
+# PyTorch runs in processes of its own: its memory allocator settings stay its own (our trainer
+# tunes glibc's malloc, see keep_freed_memory, which would speed PyTorch up too), and its peak
+# memory is its own. The steps still interleave with ours: each worker waits for "step".
+
+class TorchWorker:
+    def __init__(self, args, depth, B, T, tuned):
+        cmd = [sys.executable, __file__, "--torch-worker", "--depth", depth, "-b", str(B), "-t", str(T), "--data", args.data]
+        self.proc = subprocess.Popen(cmd + (["--tuned-malloc"] if tuned else []), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.name = f"pytorch {self.proc.stdout.readline().split()[1]} eager" + (", malloc tuned as ours" if tuned else "")
+
+    def step(self):
+        print("step", file=self.proc.stdin, flush=True)
+        seconds, loss = self.proc.stdout.readline().split()
+        return float(seconds), float(loss)
+
+    def close(self):
+        print("quit", file=self.proc.stdin, flush=True)
+        peak = float(self.proc.stdout.readline())  # its peak RSS, in GB
+        self.proc.wait()
+        return peak
+
+
+def torch_worker(args):
+    # the PyTorch side of bench(): the same weights and batch, one step per "step" line on stdin
+    import torch
+    if args.tuned_malloc:
+        tg.keep_freed_memory()
+    model = tg.gpt2_build_from_random(args.depth, seed=0)
+    x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), args.batch_size, args.seq_len).next_batch()
+    gpt, optimizer = torch_model_from(model)
+    del model
+    tx, ty = torch.from_numpy(x).long(), torch.from_numpy(y).long()
+    print("torch", torch.__version__, torch.get_num_threads(), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        t0 = time.perf_counter()
+        loss = torch_step(gpt, optimizer, tx, ty)
+        print(time.perf_counter() - t0, loss, flush=True)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, flush=True)  # kB -> GB
+
 
 def peak_rss_of(cmd):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
@@ -197,43 +239,36 @@ def peak_rss_of(cmd):
     return f"{usage.ru_maxrss / 1e6:.2f} GB"  # ru_maxrss is in kB on Linux
 
 
-def torch_child(args):
-    # the PyTorch step alone, so that its peak RSS can be measured apart from ours
-    model = tg.gpt2_build_from_random(args.depth, seed=0)
-    x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), args.batch_size, args.seq_len).next_batch()
-    import torch
-    gpt, optimizer = torch_model_from(model)
-    del model
-    for _ in range(3):
-        torch_step(gpt, optimizer, torch.from_numpy(x).long(), torch.from_numpy(y).long())
-
-
 # ----------------------------------------------------------------------------
 
 def bench(args, depth, B, T, torch_too, show_breakdown):
+    # the workers start first, while this process is small: a child's peak RSS starts from its parent's
+    workers = [TorchWorker(args, depth, B, T, tuned) for tuned in (False, True)] if torch_too else []
     model = tg.gpt2_build_from_random(depth, seed=0)
     x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), B, T).next_batch()
-    runners = {"numpy (ours)": lambda step: numpy_step(model, x, y, step)}
-    if torch_too:
-        import torch
-        gpt, optimizer = torch_model_from(model)
-        tx, ty = torch.from_numpy(x).long(), torch.from_numpy(y).long()
-        runners[f"pytorch {torch.__version__} eager"] = lambda step: torch_step(gpt, optimizer, tx, ty)
+    runners = {"numpy (ours)": lambda step: timed(numpy_step, model, x, y, step)}
+    runners.update({w.name: (lambda step, w=w: w.step()) for w in workers})
     times, first_loss = defaultdict(list), {}
     for step in range(args.warmup + args.steps):
         for name, run in runners.items():  # interleaved: ours, theirs, ours, theirs, ...
-            t0 = time.perf_counter()
-            loss = run(step)
+            seconds, loss = run(step)
             if step >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
             first_loss.setdefault(name, loss)
+    peaks = {w.name: w.close() for w in workers}
     medians = {name: statistics.median(t) for name, t in times.items()}
     floor, flops = matmul_floor(model, B, T, repeats=3)
-    result = dict(medians=medians, floor=floor, flops=flops, first_loss=first_loss)
+    result = dict(medians=medians, floor=floor, flops=flops, first_loss=first_loss, peaks=peaks)
     if show_breakdown:
         result["breakdown"] = breakdown(model, x, y, steps=3)
         result["sampling"] = sampling(model, num_tokens=64)
     return result
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
 
 
 def sampling(model, num_tokens):
@@ -259,57 +294,48 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="don't time PyTorch, even if it is importable")
     parser.add_argument("--no-rss", action="store_true", help="don't measure peak RSS (it runs extra processes)")
     parser.add_argument("--sweep", action="store_true", help="a table of ms/step over B*T and depth instead")
-    parser.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tuned-malloc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not os.path.isfile(args.data):
         sys.exit(f"error: token file {args.data} not found: run `python prepro_tinyshakespeare.py` first")
-    if args.torch_child:
-        return torch_child(args)
+    if args.torch_worker:
+        return torch_worker(args)
+    tg.keep_freed_memory()  # ours runs as train_gpt2.py runs it
     print(machine_info())
     B, T = args.batch_size, args.seq_len
+    torch_too = not args.no_torch and importlib.util.find_spec("torch") is not None
     if not args.no_rss and not args.sweep:
         # first, while this process is still small: a child's peak RSS starts from its parent's at fork
-        common = ["-b", str(B), "-t", str(T)]
-        print("\npeak RSS (each in its own process):")
-        print(f"  train_gpt2.py --init {args.depth}, 3 steps: "
-              + peak_rss_of([sys.executable, "train_gpt2.py", "--init", args.depth, *common, "--steps", "3",
+        print(f"\npeak RSS of train_gpt2.py --init {args.depth} -b {B} -t {T}, 3 steps, in its own process: "
+              + peak_rss_of([sys.executable, "train_gpt2.py", "--init", args.depth, "-b", str(B), "-t", str(T), "--steps", "3",
                              "--sample-every", "0", "--val-batches", "1", "--train-data", args.data, "--val-data", args.data]))
-        if not args.no_torch and importlib.util.find_spec("torch"):
-            print("  PyTorch, 3 steps: " + peak_rss_of([sys.executable, __file__, "--torch-child", "--depth", args.depth,
-                                                        *common, "--data", args.data]))
-    try:
-        import torch
-        torch_too = not args.no_torch
-    except ImportError:
-        torch_too = False
-    if torch_too:
-        print(f"PyTorch {torch.__version__}: {torch.get_num_threads()} threads")
 
     if args.sweep:
-        print(f"\n{'depth':>5} {'B':>3} {'T':>4} {'B*T':>5} {'ours ms':>9} {'torch ms':>9} {'ours/torch':>10} "
-              f"{'floor ms':>9} {'ours/floor':>10} {'tokens/s':>9}")
+        print(f"\n{'depth':>5} {'B':>3} {'T':>4} {'B*T':>5} {'ours ms':>8} {'torch ms':>9} {'ours/torch':>10} "
+              f"{'torch tuned':>11} {'ours/tuned':>10} {'floor ms':>9} {'ours/floor':>10} {'tokens/s':>9}")
         for depth, B, T in [("d12", 1, 64), ("d12", 4, 64), ("d12", 4, 128), ("d12", 8, 128), ("d12", 8, 256),
                             ("d6", 4, 64), ("d24", 4, 64)]:
             r = bench(args, depth, B, T, torch_too, show_breakdown=False)
             ours = r["medians"]["numpy (ours)"]
-            theirs = [v for k, v in r["medians"].items() if k.startswith("pytorch")]
-            theirs_s = f"{theirs[0] * 1e3:9.0f} {ours / theirs[0]:10.2f}" if theirs else f"{'-':>9} {'-':>10}"
-            print(f"{depth:>5} {B:>3} {T:>4} {B * T:>5} {ours * 1e3:9.0f} {theirs_s} {r['floor'] * 1e3:9.0f} "
-                  f"{ours / r['floor']:10.2f} {B * T / ours:9.0f}", flush=True)
+            theirs = [v for k, v in r["medians"].items() if k.startswith("pytorch")] or [float("nan")] * 2
+            print(f"{depth:>5} {B:>3} {T:>4} {B * T:>5} {ours * 1e3:8.0f} {theirs[0] * 1e3:9.0f} {ours / theirs[0]:10.2f} "
+                  f"{theirs[1] * 1e3:11.0f} {ours / theirs[1]:10.2f} {r['floor'] * 1e3:9.0f} {ours / r['floor']:10.2f} "
+                  f"{B * T / ours:9.0f}", flush=True)
         return
 
     print(f"\nGPT-2 {args.depth}, B={B}, T={T}: median of {args.steps} training steps after {args.warmup} "
-          f"warm-up steps, {'ours and PyTorch interleaved' if torch_too else 'ours only'}")
+          f"warm-up steps, {'ours and PyTorch (2 processes of its own) interleaved' if torch_too else 'ours only'}")
     r = bench(args, args.depth, B, T, torch_too, show_breakdown=True)
     ours = r["medians"]["numpy (ours)"]
     for name, median in r["medians"].items():
-        print(f"  {name:<28} {median * 1e3:8.1f} ms/step  {B * T / median:8.1f} tokens/s  "
-              f"(first loss {r['first_loss'][name]:.6f})")
+        print(f"  {name:<44} {median * 1e3:8.1f} ms/step  {B * T / median:8.1f} tokens/s  "
+              f"(first loss {r['first_loss'][name]:.6f})" + (f", peak RSS {r['peaks'][name]:.2f} GB" if name in r["peaks"] else ""))
         if name != "numpy (ours)":
-            print(f"  {'ratio ours / pytorch':<28} {ours / median:8.2f}")
-    print(f"  {'matmul floor (numpy sgemm)':<28} {r['floor'] * 1e3:8.1f} ms/step  "
+            print(f"  {'  ratio ours / that':<44} {ours / median:8.2f}")
+    print(f"  {'matmul floor (numpy sgemm)':<44} {r['floor'] * 1e3:8.1f} ms/step  "
           f"({r['flops'] / 1e9:.0f} GFLOP at {r['flops'] / r['floor'] / 1e9:.0f} GFLOP/s)")
-    print(f"  {'ratio ours / floor':<28} {ours / r['floor']:8.2f}")
+    print(f"  {'  ratio ours / floor':<44} {ours / r['floor']:8.2f}")
 
     cached, naive = r["sampling"]
     print(f"\nsampling 64 tokens: {cached * 1e3:.0f} ms with the KV cache ({cached / ours:.2f} x a training step), "
