@@ -1,76 +1,93 @@
 """
 Downloads Tiny Shakespeare and tokenizes it with GPT-2's tokenizer, into llm.c's token files.
 
-The output is byte for byte what llm.c's dev/data/tinyshakespeare.py writes:
+The output is byte for byte what llm.c's dev/data/tinyshakespeare.py writes (for --model_desc=gpt-2):
 
     $ python prepro_tinyshakespeare.py
     writing 32,768 tokens to data/tiny_shakespeare_val.bin (66,560 bytes)
     writing 305,260 tokens to data/tiny_shakespeare_train.bin (611,544 bytes)
 
-Each file is a header of 256 int32 (magic 20240520, version 1, number of tokens) followed by the
-tokens as uint16. Offline, point --input at a copy of the text (char-rnn's input.txt).
+Each .bin file is a header of 256 int32 (magic 20240520, version 1, number of tokens, then zeros)
+followed by the tokens as uint16, all little-endian. The first 32,768 tokens (about 10%) are the
+validation split, the rest the training split.
+
+The text (char-rnn's input.txt, 1,115,394 bytes) is downloaded once to data/tiny_shakespeare.txt.
+Offline, pass a local copy with --input, and point TIKTOKEN_CACHE_DIR at a folder that holds
+tiktoken's GPT-2 files (tiktoken downloads them on first use):
+
+    $ python prepro_tinyshakespeare.py --input path/to/input.txt --output-dir data
 """
 
 import argparse
+import http.client
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 
-from train_gpt2 import write_file_atomic
-
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
-VAL_TOKENS = 32768  # the first 32,768 tokens (about 10%) are the validation split
+TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1  # llm.c's GPT-2 token files
+HEADER_INTS = 256                           # the header is always 256 int32
+VAL_TOKENS = 32768                          # the first 32,768 tokens are the validation split
 
 
 class PreproError(Exception):
-    """Reported as one line 'error: ...' with the exit status it carries."""
+    """A problem reported as one line 'error: ...', exiting with its status (2: bad input, 1: network)."""
 
     def __init__(self, message, status):
         super().__init__(message)
         self.status = status
 
 
+# ----------------------------------------------------------------------------
+# download, tokenize, write: the three steps of llm.c's script
+
 def download(url, path):
-    # fetch url into path, with a progress line; the file appears under its name only when complete
-    tmp_path = f"{path}.tmp.{os.getpid()}"
+    # fetch url into path with a one-line progress display on stderr; the data goes to a temporary
+    # file in the same folder, renamed to path only once complete, so path is never half a download
+    tmp_path, done = f"{path}.tmp.{os.getpid()}", 0
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp_path, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0)
-            done, t0 = 0, time.time()
+        with open(tmp_path, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)  # 0: unknown
             while chunk := response.read(1 << 16):
                 f.write(chunk)
                 done += len(chunk)
                 percent = f" ({100 * done / total:.0f}%)" if total else ""
                 print(f"\rdownloading {url}: {done:,} bytes{percent}", end="", file=sys.stderr, flush=True)
-            print(f" in {time.time() - t0:.1f} s", file=sys.stderr)
             if total and done != total:
-                raise PreproError(f"download of {url} stopped at {done:,} of {total:,} bytes; run the script again", 1)
+                raise OSError(f"the connection closed after {done:,} of {total:,} bytes")
         os.replace(tmp_path, path)
-    except (urllib.error.URLError, OSError) as e:
-        raise PreproError(f"could not download {url} ({getattr(e, 'reason', e)}); run again, or pass a copy "
-                          f"of the text with --input", 1) from None
+    except ValueError as e:  # urllib's answer to something that is not a URL
+        raise PreproError(f"{url} is not a URL urllib can fetch ({e}); expected the http(s) address of the text",
+                          2) from None
+    except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors too
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise PreproError(f"could not download {url} ({reason}); expected the Tiny Shakespeare text there: "
+                          f"run again, or pass a local copy with --input", 1) from None
     finally:
+        if done:
+            print(file=sys.stderr)  # end the progress line
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
 def tokenize(text):
     # GPT-2's BPE tokenizer (tiktoken's "gpt2"); imported here, as only this step needs it
-    import tiktoken
+    try:
+        import tiktoken
+    except ImportError:
+        raise PreproError("tiktoken is not installed; it is GPT-2's tokenizer here: pip install tiktoken", 2) from None
     try:
         enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:
+    except Exception as e:  # its files could not be downloaded, or the cached ones could not be read
         raise PreproError(f"tiktoken could not load GPT-2's tokenizer files ({type(e).__name__}); it downloads "
                           f"them on first use, or set TIKTOKEN_CACHE_DIR to a folder that holds them", 1) from None
     eot = enc._special_tokens["<|endoftext|>"]  # 50256, the end-of-text token
     # every block of text between blank lines is a "document", and each starts with <|endoftext|>.
-    # llm.c keeps the "\n\n" at the end of each section (a small accident it keeps for compatibility),
-    # so we add it back to every section but the last.
+    # llm.c meant to drop the "\n\n" between sections but kept it (and keeps it for compatibility),
+    # so it is added back to every section but the last.
     sections = text.split("\n\n")
     tokens = []
     for i, section in enumerate(sections):
@@ -80,41 +97,79 @@ def tokenize(text):
 
 
 def write_datafile(path, tokens):
-    # llm.c's token file: a 256-int32 header, then the tokens as uint16, written atomically
-    header = np.zeros(256, dtype="<i4")
+    # llm.c's token file: a 256-int32 header, then the tokens as uint16, both little-endian
+    header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, len(tokens)]
-    body = np.array(tokens, dtype="<u2")
+    body = np.array(tokens, dtype="<u2")  # GPT-2's 50,257 token ids all fit in 16 bits
     print(f"writing {len(tokens):,} tokens to {path} ({header.nbytes + body.nbytes:,} bytes)")
-    write_file_atomic(path, [header.tobytes(), body.tobytes()])  # the trainer's: temporary file, then rename
+    # written to a temporary file in the same folder and renamed once on disk, so that a crash
+    # never leaves a half-written file under the final name
+    tmp_path = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(header.tobytes())
+            f.write(body.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        raise PreproError(f"could not write {path} ({e.strerror}); expected a writable folder", 2) from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# main: get the text, tokenize it, write the two splits
+
+def read_text(path):
+    # the whole text as a str; text mode, as llm.c reads it (so "\r\n" would become "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise PreproError(f"input text {path} not found; expected a copy of Tiny Shakespeare "
+                          f"(char-rnn's input.txt), or leave out --input to download it", 2) from None
+    except UnicodeDecodeError as e:
+        raise PreproError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start:,}); "
+                          f"expected Tiny Shakespeare as plain UTF-8 text", 2) from None
+    except OSError as e:
+        raise PreproError(f"could not read {path} ({e.strerror}); expected a readable text file", 2) from None
+
+
+def make_output_dir(path):
+    # the folder for the text and the .bin files, created if missing
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PreproError(f"could not create the output folder {path} ({e.strerror}); expected a folder "
+                          f"path that is not a file", 2) from None
 
 
 def main(args):
-    os.makedirs(args.output_dir, exist_ok=True)
     text_path = args.input
-    if text_path is None:
+    if text_path is None:  # download the text into the output folder, once
         text_path = os.path.join(args.output_dir, "tiny_shakespeare.txt")
         if os.path.exists(text_path):
             print(f"{text_path} already exists, skipping download")
         else:
+            make_output_dir(args.output_dir)
             download(args.url, text_path)
-    try:
-        with open(text_path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise PreproError(f"input text {text_path} not found", 2) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PreproError(f"{text_path}: could not read it as UTF-8 text ({e})", 2) from None
-    tokens = tokenize(text)
-    # tokenize everything first, then write both files: an error never leaves just one of them
+    # read and tokenize everything before writing anything, so bad input leaves no output behind
+    tokens = tokenize(read_text(text_path))
+    make_output_dir(args.output_dir)
     write_datafile(os.path.join(args.output_dir, "tiny_shakespeare_val.bin"), tokens[:VAL_TOKENS])
+    # a text shorter than the validation split gives an empty training file (a valid header and no
+    # tokens), as llm.c's script does
     write_datafile(os.path.join(args.output_dir, "tiny_shakespeare_train.bin"), tokens[VAL_TOKENS:])
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Tokenize Tiny Shakespeare into llm.c's token files.")
-    parser.add_argument("--input", help="a local copy of the text (default: download it)")
-    parser.add_argument("--output-dir", default="data", help="where to write the .bin files (default: data)")
-    parser.add_argument("--url", default=URL, help="where to download the text from")
+    parser.add_argument("--input", metavar="PATH", help="a local copy of the text, instead of downloading it")
+    parser.add_argument("--output-dir", metavar="DIR", default="data",
+                        help="where the text is downloaded and the .bin files are written (default: %(default)s)")
+    parser.add_argument("--url", default=URL, help="where to download the text from (default: %(default)s)")
     try:
         main(parser.parse_args())
     except PreproError as e:
