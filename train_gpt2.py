@@ -260,6 +260,10 @@ def point_parameters(memory, config):
     return params
 
 
+def padded_vocab(V):
+    return (V + 127) // 128 * 128  # round up to a multiple of 128, as llm.c does
+
+
 def num_parameters(config):
     return sum(math.prod(shape) for shape in parameter_shapes(config).values())
 
@@ -276,7 +280,6 @@ class GPT2:
         self.m_memory = None  # AdamW's first and second moments, allocated on the first update
         self.v_memory = None
         self.acts = None  # what the last forward pass saved for the backward pass
-        self.mean_loss = None
 
 
 class InputError(Exception):
@@ -358,10 +361,6 @@ def gpt2_build_from_random(depth, seed):
     return model
 
 
-def padded_vocab(V):
-    return (V + 127) // 128 * 128  # round up to a multiple of 128, as llm.c does
-
-
 def gpt2_forward(model, inputs, targets=None):
     # inputs and targets are (B,T) token ids; returns the mean loss (None without targets)
     # and saves every layer's cache in model.acts for gpt2_backward
@@ -390,11 +389,10 @@ def gpt2_forward(model, inputs, targets=None):
     probs = softmax_forward(logits, V)  # (B,T,V)
     model.acts = dict(encoder=encoder_cache, layers=layer_caches, lnf=lnf_cache,
                       logits_cache=logits_cache, logits=logits, probs=probs, targets=targets)
-    model.mean_loss = None
-    if targets is not None:
-        losses = crossentropy_forward(probs, targets)  # (B,T)
-        model.mean_loss = float(losses.mean())
-    return model.mean_loss
+    if targets is None:
+        return None
+    losses = crossentropy_forward(probs, targets)  # (B,T)
+    return float(losses.mean())
 
 
 def gpt2_backward(model):
@@ -405,7 +403,7 @@ def gpt2_backward(model):
     if model.grads_memory is None:
         model.grads_memory = np.zeros_like(model.params_memory)
         model.grads = point_parameters(model.grads_memory, model.config)
-    p, g, L = model.params, model.grads, model.config.num_layers
+    g, L = model.grads, model.config.num_layers
     probs, targets = acts["probs"], acts["targets"]
     B, T = targets.shape
     # the chain rule starts at the mean loss over all B*T positions: d mean / d losses[b,t] = 1/(B*T)
@@ -554,16 +552,14 @@ def read_tokens(path, vocab_size):
         if ntok < 0 or size != expected_size:
             raise InputError(f"{path}: file is {size:,} bytes, but its header says {ntok:,} tokens ({expected_size:,} bytes)")
         tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(ntok,)) if ntok else np.zeros(0, np.uint16)
-        what = "token ids"
-    else:
-        # no magic: perhaps the older headerless format, but only if every value is a token id
-        tokens = np.memmap(path, dtype="<i4", mode="r") if size and size % 4 == 0 else None
-        if tokens is None or tokens.min() < 0 or tokens.max() >= vocab_size:
-            raise InputError(f"{path}: not an llm.c token file (expected magic {TOKENS_MAGIC}, or the older "
-                             f"headerless int32 tokens, all below the vocab size {vocab_size})")
-        what = "headerless int32 tokens"
-    if tokens.size and tokens.max() >= vocab_size:
-        raise InputError(f"{path}: has {what} up to {tokens.max()}, but the model's vocab size is {vocab_size}")
+        if tokens.size and tokens.max() >= vocab_size:
+            raise InputError(f"{path}: has token ids up to {tokens.max()}, but the model's vocab size is {vocab_size}")
+        return tokens
+    # no magic: perhaps the older headerless format, but only if every value is a token id
+    tokens = np.memmap(path, dtype="<i4", mode="r") if size and size % 4 == 0 else None
+    if tokens is None or tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise InputError(f"{path}: not an llm.c token file (expected magic {TOKENS_MAGIC}, or the older "
+                         f"headerless int32 tokens, all below the vocab size {vocab_size})")
     return tokens
 
 

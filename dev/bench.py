@@ -41,7 +41,7 @@ def openblas_info():
     # numpy's wheels bundle OpenBLAS with prefixed symbols; ask it which kernel and how many threads
     for line in open("/proc/self/maps") if os.path.exists("/proc/self/maps") else []:
         path = line.split()[-1]
-        if "openblas" in path.lower() and path.endswith(".so") or ".so." in path and "openblas" in path.lower():
+        if "openblas" in path.lower() and ".so" in path:
             lib = ctypes.CDLL(path)
             for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "")):
                 try:

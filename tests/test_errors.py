@@ -3,7 +3,6 @@ no traceback, and no output written. Each malformed file is built here."""
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
