@@ -27,6 +27,8 @@ import urllib.request
 
 import numpy as np
 
+from train_gpt2 import atomic_write  # the trainer's: a file is complete under its name, or not there
+
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1  # llm.c's GPT-2 token files
 HEADER_INTS = 256                           # the header is always 256 int32
@@ -45,11 +47,11 @@ class PreproError(Exception):
 # download, tokenize, write: the three steps of llm.c's script
 
 def download(url, path):
-    # fetch url into path with a one-line progress display on stderr; the data goes to a temporary
-    # file in the same folder, renamed to path only once complete, so path is never half a download
-    tmp_path, done = f"{path}.tmp.{os.getpid()}", 0
+    # fetch url into path with a one-line progress display on stderr; written atomically, so path
+    # is never half a download
+    done = 0
     try:
-        with open(tmp_path, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+        with atomic_write(path) as f, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0)  # 0: unknown
             while chunk := response.read(1 << 16):
                 f.write(chunk)
@@ -58,7 +60,6 @@ def download(url, path):
                 print(f"\rdownloading {url}: {done:,} bytes{percent}", end="", file=sys.stderr, flush=True)
             if total and done != total:
                 raise OSError(f"the connection closed after {done:,} of {total:,} bytes")
-        os.replace(tmp_path, path)
     except ValueError as e:  # urllib's answer to something that is not a URL
         raise PreproError(f"{url} is not a URL urllib can fetch ({e}); expected the http(s) address of the text",
                           2) from None
@@ -69,8 +70,6 @@ def download(url, path):
     finally:
         if done:
             print(file=sys.stderr)  # end the progress line
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 def tokenize(text):
@@ -102,21 +101,12 @@ def write_datafile(path, tokens):
     header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, len(tokens)]
     body = np.array(tokens, dtype="<u2")  # GPT-2's 50,257 token ids all fit in 16 bits
     print(f"writing {len(tokens):,} tokens to {path} ({header.nbytes + body.nbytes:,} bytes)")
-    # written to a temporary file in the same folder and renamed once on disk, so that a crash
-    # never leaves a half-written file under the final name
-    tmp_path = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp_path, "wb") as f:
+        with atomic_write(path) as f:
             f.write(header.tobytes())
             f.write(body.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
     except OSError as e:
         raise PreproError(f"could not write {path} ({e.strerror}); expected a writable folder", 2) from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 # ----------------------------------------------------------------------------

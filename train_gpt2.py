@@ -9,17 +9,21 @@ the main loop at the bottom fine-tunes GPT-2 on Tiny Shakespeare and samples fro
     python train_gpt2.py --download       # fetches gpt2_124M.bin (llm.c's starter pack), fine-tunes it
     python train_gpt2.py --init d6        # or: trains a small GPT-2 from scratch, nothing downloaded
 
+    python train_gpt2.py --device cuda --init d12 -b 8 -t 1024   # the same layers on an NVIDIA GPU (CuPy)
+
 What is deliberately left out, as in llm.c's reference: autograd, module classes, mixed
-precision, a GPU, multiple processes. What is added beyond llm.c's CPU loop comes after its core,
-each part in its own section: sampling with a KV cache, the training options of llm.c's GPU
-trainer (gradient accumulation, clipping, a learning-rate schedule, a loss log), checkpoints with
-exact resume, and argument parsing. The defaults are llm.c's. Everything is float32, like the
-checkpoint; the files are llm.c's formats, byte for byte.
+precision, multiple processes. What is added beyond llm.c's CPU loop comes after its core, each
+part in its own section: sampling with a KV cache, the training options of llm.c's GPU trainer
+(gradient accumulation, clipping, a learning-rate schedule, a loss log), checkpoints with exact
+resume, running on a GPU, and argument parsing. The defaults are llm.c's. Everything is float32,
+like the checkpoint; the files are llm.c's formats, byte for byte.
 """
 
 import argparse
 import codecs
+import contextlib
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -28,6 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+# The array module the layers compute with: NumPy, or CuPy on an NVIDIA GPU. It is chosen once, by
+# use_device (in the section "running on a GPU" near the end), before any array is made; every layer
+# below is written against xp, so the same lines of math run on both. Files are read and written
+# with NumPy on the host whatever the device.
+xp = np
 
 # ----------------------------------------------------------------------------
 # all the individual layers' forward and backward passes
@@ -51,8 +61,8 @@ def encoder_backward(dout, cache, dwte, dwpe):
     # the classifier, whose matmul_backward has already written its part of the gradient there.
     inp = cache
     T = inp.shape[1]
-    # a token id can repeat in a batch: np.add.at adds every occurrence, dwte[inp] += dout would not
-    np.add.at(dwte, inp, dout)  # (Vp,C)
+    # a token id can repeat in a batch: xp.add.at adds every occurrence, dwte[inp] += dout would not
+    xp.add.at(dwte, inp, dout)  # (Vp,C)
     dwpe[:T] = dout.sum(axis=0)  # (T,C): each position's gradient, summed over the batch
     dwpe[T:] = 0.0  # positions beyond T were not used
 
@@ -63,7 +73,7 @@ def layernorm_forward(inp, weight, bias):
     mean = inp.mean(axis=-1, keepdims=True)  # (B,T,1)
     xshift = inp - mean  # (B,T,C)
     var = (xshift * xshift).mean(axis=-1, keepdims=True)  # (B,T,1), no bias correction
-    rstd = 1.0 / np.sqrt(var + eps)  # (B,T,1) reciprocal standard deviation
+    rstd = 1.0 / xp.sqrt(var + eps)  # (B,T,1) reciprocal standard deviation
     norm = xshift * rstd  # (B,T,C)
     out = norm * weight + bias  # (B,T,C)
     # keep only the cheap statistics; backward recomputes norm from inp (see llm.c's layernorm.md)
@@ -103,7 +113,7 @@ def matmul_backward(dout, cache, dweight, dbias):
     dout2d = dout.reshape(B * T, OC)  # (B*T,OC)
     # out = inp @ weight.T + bias, so:
     dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
-    np.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
+    xp.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
     if dbias is not None:
         dout2d.sum(axis=0, out=dbias)  # (OC,)
     return dinp.reshape(B, T, C)
@@ -118,10 +128,10 @@ def attention_forward(inp, NH):
     q, k, v = inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (B,T,3C) -> 3 x (B,NH,T,hs)
     preatt = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))  # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
     # causal mask: position t may only look at positions t2 <= t
-    causal = np.tri(T, dtype=bool)  # (T,T), True on and below the diagonal
-    preatt = np.where(causal, preatt, -np.inf)  # (B,NH,T,T)
+    causal = xp.tri(T, dtype=bool)  # (T,T), True on and below the diagonal
+    preatt = xp.where(causal, preatt, -xp.inf)  # (B,NH,T,T)
     # softmax over t2; the max is subtracted only for numerical stability
-    att = np.exp(preatt - preatt.max(axis=-1, keepdims=True))  # (B,NH,T,T), exp(-inf) = 0
+    att = xp.exp(preatt - preatt.max(axis=-1, keepdims=True))  # (B,NH,T,T), exp(-inf) = 0
     att /= att.sum(axis=-1, keepdims=True)
     out = att @ v  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
     out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble all head outputs side by side
@@ -146,7 +156,7 @@ def attention_backward(dout, cache):
     # preatt = (q @ k^T) * scale, so:
     dq = (dpreatt @ k) * scale  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
     dk = (dpreatt.swapaxes(-1, -2) @ q) * scale  # (B,NH,T,T) @ (B,NH,T,hs) -> (B,NH,T,hs)
-    dinp = np.stack([dq, dk, dv])  # (3,B,NH,T,hs)
+    dinp = xp.stack([dq, dk, dv])  # (3,B,NH,T,hs)
     return dinp.transpose(1, 3, 0, 2, 4).reshape(B, T, C3)  # (3,B,NH,T,hs) -> (B,T,3C)
 
 
@@ -156,14 +166,14 @@ GELU_SCALING_FACTOR = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float
 def gelu_forward(inp):
     # the tanh approximation of GeLU that GPT-2 uses, elementwise on (B,T,4C)
     cube = 0.044715 * inp * inp * inp
-    out = 0.5 * inp * (1.0 + np.tanh(GELU_SCALING_FACTOR * (inp + cube)))
+    out = 0.5 * inp * (1.0 + xp.tanh(GELU_SCALING_FACTOR * (inp + cube)))
     return out, inp
 
 
 def gelu_backward(dout, cache):
     x = cache
     cube = 0.044715 * x * x * x
-    tanh_out = np.tanh(GELU_SCALING_FACTOR * (x + cube))
+    tanh_out = xp.tanh(GELU_SCALING_FACTOR * (x + cube))
     sech2 = 1.0 - tanh_out * tanh_out  # sech^2 = 1 / cosh^2 = 1 - tanh^2
     # d/dx of 0.5 * x * (1 + tanh(s * (x + 0.044715 x^3))):
     local_grad = 0.5 * (1.0 + tanh_out) + x * 0.5 * sech2 * GELU_SCALING_FACTOR * (1.0 + 3.0 * 0.044715 * x * x)
@@ -185,14 +195,14 @@ def softmax_forward(logits, V):
     logits = logits[..., :V]  # (B,T,V) view
     # the max is subtracted only for numerical stability; exp and divide then work in place
     probs = logits - logits.max(axis=-1, keepdims=True)  # (B,T,V)
-    np.exp(probs, out=probs)
+    xp.exp(probs, out=probs)
     probs /= probs.sum(axis=-1, keepdims=True)
     return probs
 
 
 def crossentropy_forward(probs, targets):
     # probs is (B,T,V), targets is (B,T) token ids; the loss at each position is -log p(target)
-    return -np.log(np.take_along_axis(probs, targets[..., None], axis=-1)[..., 0])  # (B,T)
+    return -xp.log(xp.take_along_axis(probs, targets[..., None], axis=-1)[..., 0])  # (B,T)
 
 
 def crossentropy_softmax_backward(dlosses, probs, targets, Vp):
@@ -200,10 +210,10 @@ def crossentropy_softmax_backward(dlosses, probs, targets, Vp):
     # d loss / d logit = (probs[i] - 1[i == target]) * dloss. The padded columns V..Vp get no
     # gradient, since they never entered the softmax.
     B, T, V = probs.shape
-    dlogits = np.empty((B, T, Vp), dtype=probs.dtype)  # (B,T,Vp)
-    np.multiply(probs, dlosses[..., None], out=dlogits[..., :V])
+    dlogits = xp.empty((B, T, Vp), dtype=probs.dtype)  # (B,T,Vp)
+    xp.multiply(probs, dlosses[..., None], out=dlogits[..., :V])
     dlogits[..., V:] = 0.0
-    b, t = np.indices((B, T))
+    b, t = xp.indices((B, T))
     dlogits[b, t, targets] -= dlosses
     return dlogits
 
@@ -273,8 +283,10 @@ class GPT2:
 
     def __init__(self, config, params_memory):
         self.config = config
-        self.params_memory = params_memory  # (num_parameters,) all weights, in checkpoint order
-        self.params = point_parameters(params_memory, config)
+        # (num_parameters,) all weights, in checkpoint order, on the device: xp.asarray copies a
+        # NumPy array to the GPU when xp is CuPy, and is a no-op when xp is NumPy
+        self.params_memory = xp.asarray(params_memory)
+        self.params = point_parameters(self.params_memory, config)
         self.grads_memory = None  # allocated on the first backward pass
         self.grads = None
         self.m_memory = None  # AdamW's first and second moments, allocated on the first update
@@ -289,6 +301,8 @@ class InputError(Exception):
 
 CHECKPOINT_MAGIC, CHECKPOINT_VERSION = 20240326, 3
 HEADER_INTS = 256  # every llm.c file starts with a header of 256 int32
+CHECKPOINT_HINT = ("fetch llm.c's starter pack with --download (GPT-2 124M), convert Hugging Face weights with "
+                   "dev/convert_hf.py, or train from scratch with --init d6")
 
 
 def read_header(path, f, what):
@@ -306,33 +320,39 @@ def check_file(path, what, hint):
         raise InputError(f"{what} {path} not found: {hint}")
 
 
-def gpt2_build_from_checkpoint(checkpoint_path):
-    # reads llm.c's checkpoint: a 256-int32 header, then all parameters as float32
-    check_file(checkpoint_path, "checkpoint", "fetch llm.c's starter pack with --download (GPT-2 124M), convert "
-               "Hugging Face weights with dev/convert_hf.py, or train from scratch with --init d6")
+def read_checkpoint_config(checkpoint_path, hint=CHECKPOINT_HINT):
+    # reads and checks the 256-int32 header of llm.c's checkpoint; returns the model's config. This is
+    # cheap, so the options can be checked against the model before its weights are read.
+    check_file(checkpoint_path, "checkpoint", hint)
     with open(checkpoint_path, "rb") as f:
         header = read_header(checkpoint_path, f, "GPT-2 checkpoint")
-        if header[0] != CHECKPOINT_MAGIC:
-            raise InputError(f"{checkpoint_path}: bad magic {header[0]}, expected {CHECKPOINT_MAGIC} (an llm.c GPT-2 checkpoint)")
-        version = int(header[1])
-        if version not in (1, 3):
-            raise InputError(f"{checkpoint_path}: unsupported checkpoint version {version}; versions 3 (fp32, "
-                             f"padded vocab) and 1 (fp32) are supported: re-run llm.c's train_gpt2.py to regenerate it")
-        maxT, V, L, NH, C = (int(x) for x in header[2:7])
-        Vp = int(header[7]) if version == 3 else V  # version 1 had no padding
-        config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp,
-                            num_layers=L, num_heads=NH, channels=C)
-        if min(maxT, V, L, NH, C) <= 0 or C % NH != 0 or Vp < V:
-            raise InputError(f"{checkpoint_path}: nonsensical header ({config}): sizes must be positive, "
-                             f"channels divisible by num_heads, padded_vocab_size >= vocab_size")
-        # the file must hold exactly what the header announces (this also keeps absurd headers from
-        # asking for more memory than the file itself holds)
-        expected_size = HEADER_INTS * 4 + num_parameters(config) * 4
         actual_size = os.fstat(f.fileno()).st_size
-        if actual_size != expected_size:
-            raise InputError(f"{checkpoint_path}: file is {actual_size:,} bytes, but its header ({config}) "
-                             f"implies {expected_size:,}: truncated, or not what the header says")
-        params_memory = np.fromfile(f, dtype="<f4", count=num_parameters(config))
+    if header[0] != CHECKPOINT_MAGIC:
+        raise InputError(f"{checkpoint_path}: bad magic {header[0]}, expected {CHECKPOINT_MAGIC} (an llm.c GPT-2 checkpoint)")
+    version = int(header[1])
+    if version not in (1, 3):
+        raise InputError(f"{checkpoint_path}: unsupported checkpoint version {version}; versions 3 (fp32, "
+                         f"padded vocab) and 1 (fp32) are supported: re-run llm.c's train_gpt2.py to regenerate it")
+    maxT, V, L, NH, C = (int(x) for x in header[2:7])
+    Vp = int(header[7]) if version == 3 else V  # version 1 had no padding
+    config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp,
+                        num_layers=L, num_heads=NH, channels=C)
+    if min(maxT, V, L, NH, C) <= 0 or C % NH != 0 or Vp < V:
+        raise InputError(f"{checkpoint_path}: nonsensical header ({config}): sizes must be positive, "
+                         f"channels divisible by num_heads, padded_vocab_size >= vocab_size")
+    # the file must hold exactly what the header announces (this also keeps absurd headers from
+    # asking for more memory than the file itself holds)
+    expected_size = HEADER_INTS * 4 + num_parameters(config) * 4
+    if actual_size != expected_size:
+        raise InputError(f"{checkpoint_path}: file is {actual_size:,} bytes, but its header ({config}) "
+                         f"implies {expected_size:,}: truncated, or not what the header says")
+    return config
+
+
+def gpt2_build_from_checkpoint(checkpoint_path, hint=CHECKPOINT_HINT):
+    # reads llm.c's checkpoint: a 256-int32 header, then all parameters as float32
+    config = read_checkpoint_config(checkpoint_path, hint)
+    params_memory = np.fromfile(checkpoint_path, dtype="<f4", offset=HEADER_INTS * 4)
     return GPT2(config, params_memory)
 
 
@@ -340,34 +360,39 @@ DEPTHS = {"d6": (6, 384, 6), "d12": (12, 768, 12), "d24": (24, 1024, 16),  # L, 
           "d36": (36, 1280, 20), "d48": (48, 1600, 25)}
 
 
-def gpt2_build_from_random(depth, seed):
-    # a randomly initialized GPT-2 of llm.c's depths, initialized as GPT-2 is
-    # (this is what llm.c's train_gpt2.py does for --model d12 etc.)
+def random_config(depth):
+    # the shape of a GPT-2 of llm.c's depths, with GPT-2's vocabulary and context length
     L, C, NH = DEPTHS[depth]
     V = 50257
-    config = GPT2Config(max_seq_len=1024, vocab_size=V, padded_vocab_size=padded_vocab(V),
-                        num_layers=L, num_heads=NH, channels=C)
-    model = GPT2(config, np.zeros(num_parameters(config), dtype=np.float32))
+    return GPT2Config(max_seq_len=1024, vocab_size=V, padded_vocab_size=padded_vocab(V),
+                      num_layers=L, num_heads=NH, channels=C)
+
+
+def gpt2_build_from_random(depth, seed):
+    # a randomly initialized GPT-2 of llm.c's depths, initialized as GPT-2 is
+    # (this is what llm.c's train_gpt2.py does for --model d12 etc.); drawn with NumPy on the host,
+    # so a seed gives the same model on every device
+    config = random_config(depth)
+    memory = np.zeros(num_parameters(config), dtype=np.float32)
+    p = point_parameters(memory, config)
     rng = np.random.default_rng(seed)
-    p = model.params
-    residual_std = 0.02 / math.sqrt(2 * L)  # the projections into the residual stream are scaled down
+    residual_std = 0.02 / math.sqrt(2 * config.num_layers)  # the projections into the residual stream are scaled down
     for name, std in [("wte", 0.02), ("wpe", 0.02), ("qkvw", 0.02), ("attprojw", residual_std),
                       ("fcw", 0.02), ("fcprojw", residual_std)]:
-        tensor = p[name][:V] if name == "wte" else p[name]  # the padded rows of wte stay zero
+        tensor = p[name][:config.vocab_size] if name == "wte" else p[name]  # the padded rows of wte stay zero
         rng.standard_normal(out=tensor, dtype=np.float32)
         tensor *= std
     for name in ("ln1w", "ln2w", "lnfw"):
         p[name][...] = 1.0  # LayerNorm starts as the identity; all biases start at zero
-    return model
+    return GPT2(config, memory)
 
 
 def gpt2_forward(model, inputs, targets=None):
-    # inputs and targets are (B,T) token ids; returns the mean loss (None without targets)
-    # and saves every layer's cache in model.acts for gpt2_backward
+    # inputs and targets are (B,T) token ids, T at most max_seq_len; returns the mean loss (None
+    # without targets) and saves every layer's cache in model.acts for gpt2_backward
     p, L, NH, V = model.params, model.config.num_layers, model.config.num_heads, model.config.vocab_size
     model.acts = None  # let go of the previous pass's activations before making new ones
-    if inputs.shape[1] > model.config.max_seq_len:
-        raise InputError(f"sequence length {inputs.shape[1]} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    inputs = xp.asarray(inputs)  # token ids come from the host: to the device
     residual, encoder_cache = encoder_forward(inputs, p["wte"], p["wpe"])  # (B,T,C)
     layer_caches = []
     for l in range(L):
@@ -387,12 +412,13 @@ def gpt2_forward(model, inputs, targets=None):
     lnf, lnf_cache = layernorm_forward(residual, p["lnfw"], p["lnfb"])  # (B,T,C)
     logits, logits_cache = matmul_forward(lnf, p["wte"], None)  # (B,T,C) @ (C,Vp) -> (B,T,Vp)
     probs = softmax_forward(logits, V)  # (B,T,V)
+    targets = None if targets is None else xp.asarray(targets)
     model.acts = dict(encoder=encoder_cache, layers=layer_caches, lnf=lnf_cache,
                       logits_cache=logits_cache, logits=logits, probs=probs, targets=targets)
     if targets is None:
         return None
     losses = crossentropy_forward(probs, targets)  # (B,T)
-    return float(losses.mean())
+    return float(losses.mean())  # (on a GPU, float() waits for the device to finish the pass)
 
 
 def gpt2_backward(model):
@@ -401,13 +427,13 @@ def gpt2_backward(model):
     if acts is None or acts["targets"] is None:
         raise RuntimeError("gpt2_backward needs a forward pass with targets first")
     if model.grads_memory is None:
-        model.grads_memory = np.zeros_like(model.params_memory)
+        model.grads_memory = xp.zeros_like(model.params_memory)
         model.grads = point_parameters(model.grads_memory, model.config)
     g, L = model.grads, model.config.num_layers
     probs, targets = acts["probs"], acts["targets"]
     B, T = targets.shape
     # the chain rule starts at the mean loss over all B*T positions: d mean / d losses[b,t] = 1/(B*T)
-    dlosses = np.full((B, T), 1.0 / (B * T), dtype=probs.dtype)  # (B,T)
+    dlosses = xp.full((B, T), 1.0 / (B * T), dtype=probs.dtype)  # (B,T)
     dlogits = crossentropy_softmax_backward(dlosses, probs, targets, model.config.padded_vocab_size)  # (B,T,Vp)
     dlnf = matmul_backward(dlogits, acts["logits_cache"], g["wte"], None)  # (B,T,C); writes the classifier's dwte
     dresidual = layernorm_backward(dlnf, acts["lnf"], g["lnfw"], g["lnfb"])  # (B,T,C)
@@ -443,15 +469,14 @@ def adamw_plain(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_deca
     m_hat = m / (1.0 - beta1 ** t)
     v_hat = v / (1.0 - beta2 ** t)
     # update, with weight decay decoupled from the gradient
-    param -= learning_rate * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * param)
+    param -= learning_rate * (m_hat / (xp.sqrt(v_hat) + eps) + weight_decay * param)
 
 
 ADAMW_CHUNK = 1 << 17  # 128K floats: big enough that the Python loop costs nothing, small enough to stay in cache
-ADAMW_THREADS = os.cpu_count() or 1  # see gpt2_update
 
 
 def adamw_inplace(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_decay, t):
-    # The same AdamW as adamw_plain, for 1-D arrays of any length. On 124M floats, adamw_plain
+    # The same AdamW as adamw_plain, for 1-D NumPy arrays of any length. On 124M floats, adamw_plain
     # would create a dozen temporary arrays of 500 MB each and stream every one through memory.
     # Here we walk the arrays in cache-sized chunks and do the same arithmetic in place, in one
     # small scratch buffer, so each value is loaded from memory once and stored once.
@@ -482,37 +507,61 @@ def adamw_inplace(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_de
         p -= tmp
 
 
+def usable_cpus():
+    # the cores this process may run on (its affinity, which container limits set), not all the machine's
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+ADAMW_POOL = None  # the threads of adamw_threaded, started on first use and kept for the whole run
+
+
+def adamw_threaded(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_decay, t):
+    # adamw_inplace on the CPU's cores: NumPy lets go of Python's lock (the GIL) inside its loops,
+    # so threads can update disjoint parts of the 1-D arrays at the same time. They are cut into one
+    # part per core, but never into parts smaller than a chunk (a LayerNorm's 768 floats stay whole).
+    global ADAMW_POOL
+    num_parts = max(1, min(usable_cpus(), param.size // ADAMW_CHUNK))
+    if num_parts == 1:
+        return adamw_inplace(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_decay, t)
+    if ADAMW_POOL is None:
+        ADAMW_POOL = ThreadPoolExecutor(usable_cpus())
+    bounds = [param.size * i // num_parts for i in range(num_parts + 1)]
+    jobs = [ADAMW_POOL.submit(adamw_inplace, param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi],
+                              learning_rate, beta1, beta2, eps, weight_decay, t)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for job in jobs:
+        job.result()  # (re-raises an exception from the thread, if any)
+
+
+adamw = adamw_threaded  # the form gpt2_update uses; on a GPU, use_device puts a fused kernel here
+
+
 def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, decayed=None):
     # AdamW over all parameters, with weight decay on every tensor as llm.c's CPU code does, or only
     # on the tensors named in decayed. The two moments are allocated on the first update.
     if model.m_memory is None:
-        model.m_memory = np.zeros_like(model.params_memory)
-        model.v_memory = np.zeros_like(model.params_memory)
-    tensors = [point_parameters(memory, model.config) for memory in
-               (model.params_memory, model.grads_memory, model.m_memory, model.v_memory)]
-    # NumPy lets go of Python's lock (the GIL) inside its loops, so threads can update disjoint
-    # parts of the arrays at the same time: each tensor is cut into one part per CPU core
-    with ThreadPoolExecutor(ADAMW_THREADS) as pool:
-        jobs = []
-        for name in model.params:
-            param, grad, m, v = (views[name].reshape(-1) for views in tensors)
-            wd = weight_decay if decayed is None or name in decayed else 0.0
-            parts = np.linspace(0, param.size, ADAMW_THREADS + 1).astype(int)
-            for lo, hi in zip(parts[:-1], parts[1:]):
-                jobs.append(pool.submit(adamw_inplace, param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi],
-                                        learning_rate, beta1, beta2, eps, wd, t))
-        for job in jobs:
-            job.result()  # (re-raises an exception from the thread, if any)
+        model.m_memory = xp.zeros_like(model.params_memory)
+        model.v_memory = xp.zeros_like(model.params_memory)
+    memories = (model.params_memory, model.grads_memory, model.m_memory, model.v_memory)
+    if decayed is None:  # as llm.c: one loop over all the parameters, in their flat arrays
+        adamw(*memories, learning_rate, beta1, beta2, eps, weight_decay, t)
+        return
+    offset = 0  # else tensor by tensor, each a slice of the flat arrays
+    for name, shape in parameter_shapes(model.config).items():
+        part = slice(offset, offset + math.prod(shape))
+        offset = part.stop
+        wd = weight_decay if name in decayed else 0.0
+        adamw(*(memory[part] for memory in memories), learning_rate, beta1, beta2, eps, wd, t)
 
 
-def write_file_atomic(path, chunks):
-    # write to a temporary file in the same folder and rename it only once it is complete,
-    # so that a crash never leaves a half-written file under the final name
+@contextlib.contextmanager
+def atomic_write(path):
+    # with atomic_write(path) as f: write to a temporary file in the same folder, renamed to path
+    # only once complete, so that a crash never leaves a half-written file under the final name
     tmp_path = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp_path, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -521,13 +570,20 @@ def write_file_atomic(path, chunks):
             os.remove(tmp_path)
 
 
+def to_host(array):
+    # a NumPy array of a device array (a copy from the GPU), for writing files and for the sampler
+    return array if isinstance(array, np.ndarray) else xp.asnumpy(array)
+
+
 def gpt2_write_checkpoint(model, path):
     # llm.c's checkpoint format, version 3: readable by llm.c's C code and by this script
     c = model.config
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, c.max_seq_len, c.vocab_size,
                   c.num_layers, c.num_heads, c.channels, c.padded_vocab_size]
-    write_file_atomic(path, [header.tobytes(), model.params_memory.astype("<f4", copy=False).tobytes()])
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        f.write(to_host(model.params_memory).astype("<f4", copy=False).tobytes())
 
 
 # ----------------------------------------------------------------------------
@@ -609,6 +665,17 @@ def tokenizer_load(path):
     return table
 
 
+@functools.cache
+def tiktoken_gpt2():
+    # tiktoken's GPT-2 tokenizer, loaded once (only to encode a prompt and decode samples), or the
+    # reason it could not load: it is not installed, or it is offline without its cached files
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        return e
+
+
 def make_decoder(checkpoint_path):
     # token id -> bytes: llm.c's gpt2_tokenizer.bin if it sits beside the checkpoint, else tiktoken,
     # else (offline, no tokenizer files) None, and samples are printed as token ids
@@ -616,12 +683,8 @@ def make_decoder(checkpoint_path):
     if os.path.isfile(tokenizer_path):
         table = tokenizer_load(tokenizer_path)
         return lambda token: table[token] if token < len(table) else b""
-    try:
-        import tiktoken  # only needed here, to print samples as text
-        enc = tiktoken.get_encoding("gpt2")
-        return lambda token: enc.decode_single_token_bytes(token)
-    except Exception:
-        return None
+    enc = tiktoken_gpt2()
+    return None if isinstance(enc, Exception) else enc.decode_single_token_bytes
 
 
 def random_u32(state):
@@ -653,14 +716,15 @@ def sample_token(logits, V, rng_state, temperature=1.0, top_k=0):
     # top-k this is exactly llm.c's sampler: softmax over the first V logits, then the inverse CDF
     # at a random coin. A temperature below 1 sharpens the distribution, above 1 flattens it;
     # top-k keeps only the k most likely tokens (top-k 1 always takes the most likely: greedy).
+    # On a GPU the softmax runs there too, and only the probabilities come to the host.
     logits = logits[:V]
     if temperature != 1.0:
         logits = logits / temperature  # (V,)
     if top_k:
-        kth_largest = np.partition(logits, V - top_k)[V - top_k]
-        logits = np.where(logits >= kth_largest, logits, -np.inf)  # (V,) the rest get probability 0
+        kth_largest = xp.partition(logits, V - top_k)[V - top_k]
+        logits = xp.where(logits >= kth_largest, logits, -math.inf)  # (V,) the rest get probability 0
     probs = softmax_forward(logits[None, None], V)[0, 0]  # (V,)
-    return sample_mult(probs, random_f32(rng_state))
+    return sample_mult(to_host(probs), random_f32(rng_state))
 
 
 def gpt2_sample(model, prompt, num_tokens, rng_state, temperature=1.0, top_k=0):
@@ -692,7 +756,7 @@ def attention_forward_cached(qkv, kv_cache, pos, NH):
     keys, values = kv_cache[0, :, :pos + 1], kv_cache[1, :, :pos + 1]  # (NH,pos+1,hs) each
     # the newest position may look at every position so far: no mask needed
     att = (keys @ q[:, :, None])[:, :, 0] * (1.0 / math.sqrt(hs))  # (NH,pos+1,hs) @ (NH,hs,1) -> (NH,pos+1)
-    att = np.exp(att - att.max(axis=-1, keepdims=True))
+    att = xp.exp(att - att.max(axis=-1, keepdims=True))
     att /= att.sum(axis=-1, keepdims=True)
     out = (att[:, None, :] @ values)[:, 0]  # (NH,1,pos+1) @ (NH,pos+1,hs) -> (NH,hs)
     return out.reshape(1, 1, C)
@@ -702,7 +766,7 @@ def gpt2_forward_cached(model, token, pos, kv_cache):
     # gpt2_forward for the single token at position pos, using and filling kv_cache (L,2,NH,maxlen,hs);
     # returns the logits (Vp,) of the next token. Inference only: nothing is kept for a backward pass.
     p, NH = model.params, model.config.num_heads
-    residual, _ = encoder_forward(np.array([[token]]), p["wte"], p["wpe"][pos:pos + 1])  # (1,1,C)
+    residual, _ = encoder_forward(xp.asarray([[token]]), p["wte"], p["wpe"][pos:pos + 1])  # (1,1,C)
     for l in range(model.config.num_layers):
         ln1, _ = layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l])
         qkv, _ = matmul_forward(ln1, p["qkvw"][l], p["qkvb"][l])  # (1,1,3C)
@@ -722,7 +786,8 @@ def gpt2_forward_cached(model, token, pos, kv_cache):
 def gpt2_generate(model, prompt, num_tokens, rng_state, temperature=1.0, top_k=0):
     # the same tokens as gpt2_sample, at one position's forward pass per token
     c = model.config
-    kv_cache = np.zeros((c.num_layers, 2, c.num_heads, len(prompt) + num_tokens, c.channels // c.num_heads),
+    # the last token sampled is never fed back, so the positions used are 0 .. len(prompt)+num_tokens-2
+    kv_cache = xp.zeros((c.num_layers, 2, c.num_heads, len(prompt) + num_tokens - 1, c.channels // c.num_heads),
                         dtype=model.params_memory.dtype)  # (L,2,NH,maxlen,hs)
     for pos, token in enumerate(prompt[:-1]):
         gpt2_forward_cached(model, token, pos, kv_cache)  # the prompt fills the cache
@@ -751,17 +816,18 @@ def accumulate_gradients(model, loader, grad_accum):
         elif grad_accum > 1:
             grad_sum += model.grads_memory
     if grad_accum > 1:
-        np.multiply(grad_sum, 1.0 / grad_accum, out=model.grads_memory)
+        xp.multiply(grad_sum, 1.0 / grad_accum, out=model.grads_memory)
     return loss_sum / grad_accum
 
 
 def grad_norm(grads_memory):
-    # the global norm of all gradients, sqrt(sum g^2): float32 sums of 1M-float chunks, added up in float64
-    total = 0.0
+    # the global norm of all gradients, sqrt(sum g^2): float32 sums of 1M-float chunks, added up in
+    # float64 (on the device: one float() at the end, so a GPU is waited for once, not per chunk)
+    total = xp.zeros((), dtype=xp.float64)
     for start in range(0, grads_memory.size, 1 << 20):
         g = grads_memory[start:start + (1 << 20)]
-        total += float(np.dot(g, g))
-    return math.sqrt(total)
+        total += xp.dot(g, g)
+    return math.sqrt(float(total))
 
 
 def clip_gradients(model, max_norm):
@@ -806,10 +872,11 @@ def write_run_state(path, model, steps_done, train_loader, rng_state):
     header = np.zeros(RUN_STATE_HEADER, dtype="<u8")
     header[:8] = [RUN_STATE_MAGIC, RUN_STATE_VERSION, steps_done, model.params_memory.size,
                   train_loader.B, train_loader.T, train_loader.current_batch, rng_state[0]]
-    zeros = np.zeros_like(model.params_memory)  # no update yet: the moments are still zero
-    m = model.m_memory if model.m_memory is not None else zeros
-    v = model.v_memory if model.v_memory is not None else zeros
-    write_file_atomic(path, [header.tobytes(), m.astype("<f4", copy=False).tobytes(), v.astype("<f4", copy=False).tobytes()])
+    zeros = np.zeros(model.params_memory.size, dtype=np.float32)  # no update yet: the moments are still zero
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        for moment in (model.m_memory, model.v_memory):
+            f.write(zeros.tobytes() if moment is None else to_host(moment).astype("<f4", copy=False).tobytes())
 
 
 def read_run_state(path, model):
@@ -825,8 +892,8 @@ def read_run_state(path, model):
         if header[3] != n or actual_size != expected_size:
             raise InputError(f"{path}: holds {header[3]:,} parameters in {actual_size:,} bytes, but its model has {n:,} "
                              f"({expected_size:,} bytes expected)")
-        model.m_memory = np.fromfile(f, dtype="<f4", count=n)
-        model.v_memory = np.fromfile(f, dtype="<f4", count=n)
+        model.m_memory = xp.asarray(np.fromfile(f, dtype="<f4", count=n))
+        model.v_memory = xp.asarray(np.fromfile(f, dtype="<f4", count=n))
     steps_done, _, B, T, next_batch, rng = (int(x) for x in header[2:8])
     return steps_done, B, T, next_batch, rng
 
@@ -848,6 +915,83 @@ def latest_checkpoint(run_dir):
              if name.startswith("state_") and name.endswith(".bin") and name[6:-4].isdigit()
              and f"model_{int(name[6:-4])}.bin" in names]
     return max(steps, default=None)
+
+
+# ----------------------------------------------------------------------------
+# running on a GPU (beyond llm.c's CPU loop; llm.c's GPU trainer is train_gpt2.cu)
+# CuPy implements NumPy's interface on NVIDIA GPUs, so with xp = cupy every layer above runs on the
+# GPU as written. A few layers are chains of many small array operations, each one a pass over
+# memory; on a GPU they run much faster as one fused kernel. cuda_layers.py holds those fused forms,
+# each written beside (and tested against) the plain layer here that it stands in for, as llm.c
+# keeps matmul_forward_naive beside its fast matmul.
+
+# the layers as written above, kept by name so that use_device can put them back
+PLAIN_LAYERS = {name: globals()[name] for name in (
+    "layernorm_forward", "layernorm_backward", "attention_forward", "attention_backward", "gelu_forward",
+    "gelu_backward", "softmax_forward", "crossentropy_softmax_backward", "adamw")}
+CUPY_INSTALL = "pip install cupy-cuda12x (for a CUDA 12 driver) or cupy-cuda13x (CUDA 13); nvidia-smi shows the driver's"
+
+
+def use_device(device, tf32=True, fused=True):
+    # choose the array module, once, before any model is built: "cpu" (NumPy) or "cuda" (CuPy).
+    # On the GPU, matmuls use TF32 tensor cores unless tf32 is False (as llm.c's CUDA trainers do),
+    # and the fused kernels of cuda_layers.py take the place of the plain layers unless fused is False.
+    global xp
+    if device == "cpu":
+        xp = np
+        globals().update(PLAIN_LAYERS)
+        return
+    try:
+        import cupy
+    except ImportError:
+        raise InputError(f"--device cuda needs CuPy, which is not installed: {CUPY_INSTALL}") from None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise RuntimeError("no GPU found")
+        a = cupy.ones((2, 2), dtype=cupy.float32)
+        float((a @ a).sum())  # compiles a kernel and calls cuBLAS: the driver, NVRTC and cuBLAS all work
+    except Exception as e:  # no GPU, no driver, or a CuPy wheel for another CUDA version than the driver's
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--device cuda: CuPy {cupy.__version__} cannot use a GPU here ({reason}); "
+                         f"check the GPU with nvidia-smi, and that CuPy matches its driver: {CUPY_INSTALL}") from None
+    import cuda_layers  # beside this file
+    cuda_layers.set_tf32(tf32)
+    xp = cupy
+    globals().update(cuda_layers.FUSED_LAYERS if fused else PLAIN_LAYERS)
+
+
+def describe_device():
+    # one line: what computes, with which versions
+    if xp is np:
+        return f"cpu: NumPy {np.__version__}, {usable_cpus()} cores"
+    import cuda_layers
+    fused = "fused kernels" if attention_forward is not PLAIN_LAYERS["attention_forward"] else "plain layers"
+    return f"cuda: {cuda_layers.device_description()}; {fused}"
+
+
+def available_memory():
+    # bytes the arrays of a run can still take: free GPU memory, or the host's available memory
+    # (None where the system does not say)
+    if xp is not np:
+        free, _ = xp.cuda.runtime.memGetInfo()
+        return free + xp.get_default_memory_pool().free_bytes()
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def training_memory(config, B, T):
+    # about how many bytes a training step needs: the model's four arrays (weights, gradients and
+    # AdamW's two moments), what gpt2_forward keeps of each layer for the backward pass (17 arrays
+    # the size of (B,T,C) and attention's (B,NH,T,T), which the fused GPU attention recomputes
+    # instead of keeping: it only needs two at a time), and the logits, probabilities and their
+    # gradient (B,T,Vp), the largest of all for GPT-2's 50,257 tokens.
+    C, L, NH, Vp = config.channels, config.num_layers, config.num_heads, config.padded_vocab_size
+    kept_attention = L if attention_forward is PLAIN_LAYERS["attention_forward"] else 2
+    floats = 4 * num_parameters(config) + L * 17 * B * T * C + kept_attention * B * NH * T * T + 3 * B * T * Vp
+    return 4 * floats
 
 
 # ----------------------------------------------------------------------------
@@ -905,6 +1049,11 @@ def parse_args(argv=None):
     group.add_argument("--save-every", type=int, default=0, help="with --output-dir: save every N steps, and at the end (0 = only at the end)")
     group.add_argument("--resume", metavar="DIR", help="continue from the newest model/state pair in DIR, up to --steps in total "
                                                        "(saving there too, unless --output-dir says otherwise)")
+    group = parser.add_argument_group("running on a GPU (NVIDIA, through CuPy)")
+    group.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="where to compute: cpu (NumPy) or cuda (CuPy, an optional dependency: " + CUPY_INSTALL + ")")
+    group.add_argument("--tf32", type=int, choices=[0, 1], default=1,
+                       help="on the GPU, TF32 tensor cores for the matmuls (0: full fp32), as llm.c's CUDA trainers")
     args = parser.parse_args(argv)
     for name in ("batch_size", "seq_len", "val_batches", "gen_tokens", "grad_accum", "temperature"):
         if getattr(args, name) <= 0:
@@ -916,8 +1065,6 @@ def parse_args(argv=None):
         raise InputError(f"--lr-min-frac must be between 0 and 1, not {args.lr_min_frac}")
     if args.save_every and not (args.output_dir or args.resume):
         raise InputError("--save-every needs --output-dir (where to save)")
-    if args.output and os.path.isdir(args.output):
-        raise InputError(f"--output {args.output} is a directory; give a file name, such as {os.path.join(args.output, 'model.bin')}")
     return args
 
 
@@ -934,13 +1081,15 @@ def evaluate(model, val_loader, num_batches):
 def encode_prompt(text, vocab_size):
     # the prompt's tokens, after <|endoftext|> as at the start of any document
     eot = min(GPT2_EOT, vocab_size - 1)
+    if eot != GPT2_EOT:
+        print(f"note: the model's vocabulary ({vocab_size} tokens) has no GPT-2 <|endoftext|> ({GPT2_EOT}): "
+              f"samples start from its last token, {eot}, instead")
     if text is None:
         return [eot]
-    try:
-        import tiktoken
-        tokens = tiktoken.get_encoding("gpt2").encode_ordinary(text)
-    except Exception as e:
-        raise InputError(f"--prompt needs tiktoken's GPT-2 tokenizer, which could not load ({type(e).__name__})") from None
+    enc = tiktoken_gpt2()
+    if isinstance(enc, Exception):
+        raise InputError(f"--prompt needs tiktoken's GPT-2 tokenizer, which could not load ({type(enc).__name__})")
+    tokens = enc.encode_ordinary(text)
     if max(tokens, default=0) >= vocab_size:
         raise InputError(f"--prompt has tokens beyond the model's vocab size {vocab_size}")
     return [eot] + tokens
@@ -951,8 +1100,10 @@ def print_sample(model, args, prompt, rng_state, decode):
     # tokens are byte strings, and a character can be split across two tokens:
     # an incremental decoder holds the partial bytes until the character is complete
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    show = (lambda token: print(token, end=" ", flush=True)) if decode is None else \
-        (lambda token: print(utf8.decode(decode(token)), end="", flush=True))  # no tokenizer: print the ids
+    if decode is None:  # no tokenizer: print the ids
+        show = lambda token: print(token, end=" ", flush=True)  # noqa: E731
+    else:
+        show = lambda token: print(utf8.decode(decode(token)), end="", flush=True)  # noqa: E731
     for token in prompt[1:]:
         show(token)
     t0 = time.perf_counter()
@@ -979,31 +1130,69 @@ class NonFiniteLossError(Exception):
     """The loss became inf or nan: training stops before the update would spoil the weights."""
 
 
-def load_model(args):
-    # the model to train, and where its run starts: (model, steps done, train batch, sampler RNG state)
-    if args.init:
-        return gpt2_build_from_random(args.init, args.seed), 0, 0, args.seed
-    if not args.resume:
-        return gpt2_build_from_checkpoint(args.checkpoint), 0, 0, args.seed
-    steps_done = latest_checkpoint(args.resume)
-    if steps_done is None:
-        raise InputError(f"--resume {args.resume}: no model_<step>.bin with its state_<step>.bin in it")
-    model = gpt2_build_from_checkpoint(os.path.join(args.resume, f"model_{steps_done}.bin"))
-    steps_done, B, T, next_batch, rng = read_run_state(os.path.join(args.resume, f"state_{steps_done}.bin"), model)
-    if (B, T) != (args.batch_size, args.seq_len):
-        raise InputError(f"--resume {args.resume}: the run used -b {B} -t {T}; resume it with the same")
+class Interrupted(Exception):
+    """Ctrl-C: the run stops with one line saying where, and how to go on."""
+
+
+def check_output_path(option, path, folder=False):
+    # an output must be writable before any work is done, not found unwritable after it: the path
+    # must be of the right kind if it exists, and the nearest folder on its way must be one we may
+    # write into (missing folders are created when the file is written)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{option} {path} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{option} {path} is a directory; give a file name, such as {os.path.join(path, 'model.bin')}")
+    existing = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"{option} {path}: no permission to write there")
+
+
+def check_options(args):
+    # every path option, before anything is downloaded, built or trained: outputs must be writable,
+    # inputs must be there (their contents are checked when read, still before the first step)
+    for option, path, folder in [("--output", args.output, False), ("--log", args.log, False),
+                                 ("--output-dir", args.output_dir, True)]:
+        if path:
+            check_output_path(option, path, folder)
+    if args.download:
+        check_output_path("--checkpoint", os.path.dirname(args.checkpoint) or ".", folder=True)
+    if args.download_data:
+        check_output_path("--train-data", os.path.dirname(args.train_data) or ".", folder=True)
+    if args.resume and not os.path.isdir(args.resume):
+        raise InputError(f"--resume {args.resume}: not a folder")
+
+
+def check_run_fits(config, args, steps_done):
+    # the options against the model's shape, and the run against the memory there is, before the
+    # model's weights are read
+    B, T = args.batch_size, args.seq_len
+    if T > config.max_seq_len:
+        raise InputError(f"--seq-len {T} exceeds the model's max_seq_len {config.max_seq_len}")
+    if args.top_k > config.vocab_size:
+        raise InputError(f"--top-k {args.top_k} exceeds the vocab size {config.vocab_size}")
     if steps_done > args.steps:
         raise InputError(f"--resume {args.resume}: already {steps_done} steps done, more than --steps {args.steps}")
-    print(f"resuming from {args.resume} after {steps_done} steps")
-    return model, steps_done, next_batch, rng
+    need, have = training_memory(config, B, T), available_memory()
+    if have is not None and need > have:
+        where = "free on the GPU" if xp is not np else "available"
+        raise InputError(f"-b {B} -t {T} needs about {need / 1e9:.1f} GB for the model and its activations, but only "
+                         f"{have / 1e9:.1f} GB is {where}: use a smaller --batch-size or --seq-len "
+                         f"(--grad-accum makes a larger batch out of smaller ones)")
 
 
 def main(args):
     keep_freed_memory()
+    use_device(args.device, tf32=bool(args.tf32))
+    print(f"device: {describe_device()}")
     B, T = args.batch_size, args.seq_len
     if args.resume:
         args.init = None
         args.output_dir = args.output_dir or args.resume
+    check_options(args)
     if args.download or args.download_data:
         from download_starter_pack import DownloadError, download_starter_pack  # standard library only
         try:
@@ -1011,69 +1200,101 @@ def main(args):
                                   os.path.dirname(args.train_data) if args.download_data else None, args.download_url)
         except DownloadError as e:
             sys.exit(f"error: {e}")  # a network failure: one line, exit status 1
-    model, start_step, next_batch, seed = load_model(args)
-    rng_state = [seed]  # the sampler's xorshift state
-    c = model.config
-    print(f"[GPT-2] {c}")
-    print(f"num_parameters: {model.params_memory.size}")
-    if T > c.max_seq_len:
-        raise InputError(f"--seq-len {T} exceeds the model's max_seq_len {c.max_seq_len}")
-    prompt = encode_prompt(args.prompt, c.vocab_size) if args.sample_every or args.steps == 0 else []
-    if prompt and len(prompt) + args.gen_tokens > c.max_seq_len:
-        raise InputError(f"the prompt ({len(prompt)} tokens) and --gen-tokens {args.gen_tokens} exceed the model's "
-                         f"max_seq_len {c.max_seq_len}")
-    if args.top_k > c.vocab_size:
-        raise InputError(f"--top-k {args.top_k} exceeds the vocab size {c.vocab_size}")
 
-    if args.steps > start_step:  # --steps 0 only evaluates and samples: no training data needed
+    # where the run starts: a random model, a checkpoint, or the newest checkpoint of a run to resume
+    steps_done = 0
+    checkpoint = args.checkpoint
+    if args.resume:
+        steps_done = latest_checkpoint(args.resume)
+        if steps_done is None:
+            raise InputError(f"--resume {args.resume}: no model_<step>.bin with its state_<step>.bin in it")
+        checkpoint = os.path.join(args.resume, f"model_{steps_done}.bin")
+    c = random_config(args.init) if args.init else read_checkpoint_config(checkpoint)
+    print(f"[GPT-2] {c}")
+    print(f"num_parameters: {num_parameters(c)}")
+    check_run_fits(c, args, steps_done)
+    # the last sampled token is never fed back: a prompt of P tokens and N new ones use P+N-1 positions
+    prompt = encode_prompt(args.prompt, c.vocab_size) if args.sample_every else []
+    if prompt and len(prompt) + args.gen_tokens - 1 > c.max_seq_len:
+        raise InputError(f"the prompt ({len(prompt)} tokens with <|endoftext|>) and --gen-tokens {args.gen_tokens} "
+                         f"exceed the model's max_seq_len {c.max_seq_len}")
+    if args.steps > steps_done:  # --steps 0 only evaluates and samples: no training data needed
         train_loader = DataLoader(read_tokens(args.train_data, c.vocab_size), B, T, args.train_data)
-        train_loader.current_batch = next_batch
         print(f"train dataset num_batches: {train_loader.num_batches}")
     if args.val_every:
         val_loader = DataLoader(read_tokens(args.val_data, c.vocab_size), B, T, args.val_data)
         print(f"val dataset num_batches: {val_loader.num_batches}")
-    decode = make_decoder(args.checkpoint)
+
+    model = gpt2_build_from_random(args.init, args.seed) if args.init else gpt2_build_from_checkpoint(checkpoint)
+    rng_state = [args.seed]  # the sampler's xorshift state
+    if args.resume:
+        state_steps, state_B, state_T, next_batch, rng_state[0] = read_run_state(
+            os.path.join(args.resume, f"state_{steps_done}.bin"), model)
+        if (state_B, state_T) != (B, T):
+            raise InputError(f"--resume {args.resume}: the run used -b {state_B} -t {state_T}; resume it with the same")
+        if args.steps > steps_done:
+            train_loader.current_batch = next_batch
+        print(f"resuming from {args.resume} after {steps_done} steps")
+    decode = make_decoder(checkpoint)
+    if args.log:
+        os.makedirs(os.path.dirname(args.log) or ".", exist_ok=True)
     log = open(args.log, "a" if args.resume else "w") if args.log else None  # llm.c's logger appends on resume
     decayed = MATRICES if args.decay_2d_only else None  # None: every tensor, as llm.c's CPU code
 
-    np.seterr(all="ignore")  # inf and nan are caught below, with a clearer message than NumPy's warnings
+    step, saved = steps_done, steps_done if args.resume else None
     t_start = time.perf_counter()
-    for step in range(start_step, args.steps + 1):
-        last_step = step == args.steps
-        # once in a while estimate the validation loss
-        if args.val_every > 0 and (step % args.val_every == 0 or last_step):
-            val_loss = evaluate(model, val_loader, args.val_batches)
-            print(f"val loss {val_loss:f}")
-            if log:
-                print(f"s:{step} tel:{val_loss:.4f}", file=log, flush=True)
-        # once in a while print a sample from the model
-        if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last_step):
-            print_sample(model, args, prompt, rng_state, decode)
-        if last_step:
-            break
-        # do a training step
-        t0 = time.perf_counter()
-        loss = accumulate_gradients(model, train_loader, args.grad_accum)  # forward and backward
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"step {step}: train loss is {loss}; stopped before the update touched "
-                                     f"the weights (a lower --lr may help)")
-        norm = clip_gradients(model, args.grad_clip) if args.grad_clip else None
-        lr = get_lr(step, args)
-        gpt2_update(model, lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1, decayed)
-        t1 = time.perf_counter()
-        # llm.c's line, then throughput and progress
-        elapsed, done = t1 - t_start, step + 1 - start_step
-        eta = elapsed / done * (args.steps - step - 1)
-        extra = f", norm {norm:.4f}" if norm is not None else ""
-        print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms) "
-              f"{args.grad_accum * B * T / (t1 - t0):.0f} tokens/s{extra}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+    try:
+        # a non-finite loss is caught below, with a clearer message than NumPy's warnings
+        with np.errstate(all="ignore"):
+            for step in range(steps_done, args.steps + 1):
+                last_step = step == args.steps
+                # once in a while estimate the validation loss
+                if args.val_every > 0 and (step % args.val_every == 0 or last_step):
+                    val_loss = evaluate(model, val_loader, args.val_batches)
+                    print(f"val loss {val_loss:f}")
+                    if log:
+                        print(f"s:{step} tel:{val_loss:.4f}", file=log, flush=True)
+                # once in a while print a sample from the model
+                if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last_step):
+                    print_sample(model, args, prompt, rng_state, decode)
+                if last_step:
+                    break
+                # do a training step
+                t0 = time.perf_counter()
+                loss = accumulate_gradients(model, train_loader, args.grad_accum)  # forward and backward
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(f"step {step}: train loss is {loss}; stopped before the update touched "
+                                             f"the weights (a lower --lr may help)")
+                norm = clip_gradients(model, args.grad_clip) if args.grad_clip else None
+                lr = get_lr(step, args)
+                gpt2_update(model, lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1, decayed)
+                if xp is not np:
+                    xp.cuda.Device().synchronize()  # the GPU runs behind Python: wait for the update, then time
+                t1 = time.perf_counter()
+                # llm.c's line, then throughput and progress
+                elapsed, done = t1 - t_start, step + 1 - steps_done
+                eta = elapsed / done * (args.steps - step - 1)
+                extra = f", norm {norm:.4f}" if norm is not None else ""
+                print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms) "
+                      f"{args.grad_accum * B * T / (t1 - t0):.0f} tokens/s{extra}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+                if log:
+                    print(f"s:{step} trl:{loss:.4f} lr:{lr:.6f}" + (f" norm:{norm:.2f}" if norm is not None else ""),
+                          file=log, flush=True)
+                if args.output_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+                    save_checkpoint(args.output_dir, model, step + 1, train_loader, rng_state)
+                    saved = step + 1
+    except KeyboardInterrupt:
+        if saved is not None:
+            how = (f"the newest checkpoint is after step {saved}: continue with --resume {args.output_dir} "
+                   f"and the same options")
+        elif args.output_dir:
+            how = "no checkpoint was written yet"
+        else:
+            how = "no checkpoints were being written (--output-dir DIR --save-every N make a run resumable)"
+        raise Interrupted(f"interrupted at step {step} of {args.steps}; {how}") from None
+    finally:
         if log:
-            print(f"s:{step} trl:{loss:.4f} lr:{lr:.6f}" + (f" norm:{norm:.2f}" if norm is not None else ""), file=log, flush=True)
-        if args.output_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
-            save_checkpoint(args.output_dir, model, step + 1, train_loader, rng_state)
-
-    if log:
-        log.close()
+            log.close()
     if args.output:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         gpt2_write_checkpoint(model, args.output)
@@ -1089,4 +1310,9 @@ if __name__ == "__main__":
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(130)  # the shell's status for a program stopped by Ctrl-C
+    except KeyboardInterrupt:
+        print("error: interrupted before training started; nothing was written", file=sys.stderr)
+        sys.exit(130)

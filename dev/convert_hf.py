@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt2 import padded_vocab, write_file_atomic  # noqa: E402
+from train_gpt2 import atomic_write, padded_vocab  # noqa: E402
 
 # llm.c's 16 tensors in file order, and the Hugging Face key of each (per layer: {l}), transposed?
 LAYOUT = [
@@ -85,7 +85,9 @@ def convert(hf_dir, out_path):
             chunks.append(np.concatenate([get(key, False, shapes[name]), np.zeros((Vp - V, C), "<f4")]).tobytes())
         else:
             chunks.append(get(key, transpose, shapes[name]).tobytes())
-    write_file_atomic(out_path, chunks)  # complete, or not there at all
+    with atomic_write(out_path) as f:  # complete, or not there at all
+        for chunk in chunks:
+            f.write(chunk)
     print(f"wrote {out_path}: L={L}, NH={NH}, C={C}, V={V} (padded to {Vp}), maxT={maxT}, "
           f"{os.path.getsize(out_path):,} bytes")
 
