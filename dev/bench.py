@@ -6,6 +6,7 @@ next to eager PyTorch on the same CPU, the same weights and the same batch.
     python dev/bench.py -b 8 -t 128 --depth d6
     python dev/bench.py --sweep               # a table over B*T and depth
     python dev/bench.py --no-torch --no-rss   # only ours
+    python dev/bench.py --device cuda         # on an NVIDIA GPU: see dev/bench_cuda.py
 
 It prints the BLAS NumPy uses, the median ms/step of ours and of PyTorch (their steps interleaved,
 so that the noise of a shared machine hits both alike), the floor set by the step's matmuls alone,
@@ -32,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt2 as tg  # noqa: E402
+import bench_cuda  # noqa: E402  (--device cuda)
 
 
 # ----------------------------------------------------------------------------
@@ -283,20 +285,38 @@ def sampling(model, num_tokens):
     return cached, run(tg.gpt2_sample)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-b", "--batch-size", type=int, default=4)
-    parser.add_argument("-t", "--seq-len", type=int, default=64)
-    parser.add_argument("--depth", default="d12", choices=["d6", "d12", "d24", "d36", "d48"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: ours on an NVIDIA GPU through CuPy against eager PyTorch on the same GPU (dev/bench_cuda.py)")
+    parser.add_argument("-b", "--batch-size", type=int, help="batch size (default 4 on cpu, 8 on cuda)")
+    parser.add_argument("-t", "--seq-len", type=int, help="sequence length (default 64 on cpu, 1024 on cuda)")
+    parser.add_argument("--depth", choices=["d6", "d12", "d24", "d36", "d48"], help="model size (default d12)")
+    parser.add_argument("--steps", type=int, help="timed steps, after the warm-up (default 5 on cpu, 10 on cuda)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2 on cpu, 3 on cuda)")
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "tiny_shakespeare_train.bin"), help="token file")
     parser.add_argument("--no-torch", action="store_true", help="don't time PyTorch, even if it is importable")
     parser.add_argument("--no-rss", action="store_true", help="don't measure peak RSS (it runs extra processes)")
     parser.add_argument("--sweep", action="store_true", help="a table of ms/step over B*T and depth instead")
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tuned-malloc", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    gpu_options = bench_cuda.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.simulate_cpu:  # the GPU code path, run on the CPU (a hidden option, for testing bench_cuda.py)
+        args.device = "cuda"
+    gpu = args.device == "cuda"
+    column = 2 if args.simulate_cpu else int(gpu)  # the defaults of cpu, cuda, and of the simulation: small
+    for name, value in zip(("batch_size", "seq_len", "steps", "warmup"), ((4, 8, 2), (64, 1024, 64), (5, 10, 3), (2, 3, 1))):
+        if getattr(args, name) is None:
+            setattr(args, name, value[column])
+    args.depth = args.depth or ("d6" if args.simulate_cpu else "d12")
+    if gpu:
+        if args.sweep:
+            parser.error("--sweep is for the CPU only")
+        return bench_cuda.main(args, LayerTimer)
+    used = [name for name in gpu_options if getattr(args, name) not in (None, False)]
+    if used:
+        parser.error(f"--{used[0].replace('_', '-')} is an option of --device cuda")
     if not os.path.isfile(args.data):
         sys.exit(f"error: token file {args.data} not found: run `python prepro_tinyshakespeare.py` first")
     if args.torch_worker:
