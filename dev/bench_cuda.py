@@ -177,7 +177,8 @@ class Device:
         import cupy
         self.cupy = cupy
         self.sync = cupy.cuda.Device().synchronize
-        self.gpu_name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        self.gpu_name = name.decode() if isinstance(name, bytes) else str(name)  # bytes or str, by CuPy version
 
     def describe(self):
         return tg.describe_device() + (" (simulating the GPU run: no GPU calls, no GPU memory figures)" if self.simulated else "")
