@@ -1,0 +1,136 @@
+"""The whole trainer on an NVIDIA GPU (--device cuda, through CuPy) against the same trainer on the
+CPU and against PyTorch: test_gpt2.py's checks, training steps that agree across devices, files
+that move between them. Skipped where CuPy or a GPU is missing (CI has neither): run on a GPU
+machine. The fused kernels alone are checked against the plain layers in test_cuda_layers.py."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import train_gpt2 as tg
+from helpers import FIXTURE_ARGS, MODEL, run, write_tokens
+
+try:
+    import cupy
+    GPU = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no CuPy, or no driver
+    GPU = False
+pytestmark = pytest.mark.skipif(not GPU, reason="needs CuPy and an NVIDIA GPU (--device cuda)")
+
+
+@pytest.fixture(params=["fused", "plain"])
+def cuda(request):
+    # the GPU with TF32 off, so that it computes what the CPU computes up to float32 reassociation;
+    # with the fused kernels, and with the plain layers as written (CuPy under the same lines)
+    tg.use_device("cuda", tf32=False, fused=request.param == "fused")
+    yield request.param
+    tg.use_device("cpu")
+
+
+def steps(device_args, n=3):
+    # n AdamW steps on the fixture's batch: the losses and the final weights, on the host
+    if device_args is not None:
+        tg.use_device("cuda", **device_args)
+    try:
+        model = tg.gpt2_build_from_checkpoint(MODEL)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, 777, (4, 33)).astype(np.int32)
+        tokens[1, :8] = tokens[0, :8]  # repeated tokens: their embedding gradients must add up
+        losses = []
+        for t in range(1, n + 1):
+            losses.append(tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:]))
+            tg.gpt2_backward(model)
+            tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.01, t)
+        return np.array(losses), tg.to_host(model.params_memory)
+    finally:
+        tg.use_device("cpu")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_steps_agree_with_the_cpu(fused):
+    cpu_losses, cpu_params = steps(None)
+    gpu_losses, gpu_params = steps(dict(tf32=False, fused=fused))
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=2e-6)
+    np.testing.assert_allclose(gpu_params, cpu_params, rtol=0, atol=2e-6)
+    # TF32 rounds the matmuls' inputs to 10 bits of mantissa: close, not equal
+    tf32_losses, _ = steps(dict(tf32=True, fused=fused))
+    np.testing.assert_allclose(tf32_losses, cpu_losses, rtol=5e-3)
+
+
+def test_arrays_live_on_the_gpu_and_stay_float32(cuda):
+    model = tg.gpt2_build_from_checkpoint(MODEL)
+    tokens = np.arange(2 * 17, dtype=np.int32).reshape(2, 17) % 777
+    tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:])
+    tg.gpt2_backward(model)
+    tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    for array in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory,
+                  model.acts["logits"], model.acts["probs"]):
+        assert isinstance(array, cupy.ndarray) and array.dtype == np.float32
+    assert "cuda:" in tg.describe_device()
+
+
+def test_kv_cache_sampling_on_the_gpu(cuda):
+    model = tg.gpt2_build_from_checkpoint(MODEL)
+    naive = list(tg.gpt2_sample(model, [776, 5, 300], 20, [1337], 0.8, 50))
+    cached = list(tg.gpt2_generate(model, [776, 5, 300], 20, [1337], 0.8, 50))
+    assert naive == cached
+    tg.use_device("cpu")
+    cpu = list(tg.gpt2_generate(tg.gpt2_build_from_checkpoint(MODEL), [776, 5, 300], 20, [1337], 0.8, 50))
+    assert cached == cpu
+
+
+@pytest.mark.parametrize("tf32, tolerances", [
+    # full fp32: nearly as tight as the CPU's TIGHT (atomic adds on the GPU sum in another order)
+    ("0", ["--logits-tol", "1e-5", "--grad-tol", "2e-6", "--loss-tol", "1e-5", "--rel-tol", "3e-6"]),
+    ("1", []),  # TF32 tensor cores, the default: llm.c's tolerances
+])
+def test_test_gpt2_on_the_gpu(tmp_path, tf32, tolerances):
+    result = run("test_gpt2.py", "--device", "cuda", "--tf32", tf32, *FIXTURE_ARGS, *tolerances, cwd=tmp_path)
+    assert result.returncode == 0 and "overall okay: 1" in result.stdout, result.stdout[-3000:] + result.stderr
+    assert result.stdout.startswith("device: cuda:")
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = (np.arange(6000) * 7 % 777 + rng.integers(0, 3, 6000)) % 777
+    return ["--train-data", write_tokens(tmp_path / "train.bin", tokens[:5000]),
+            "--val-data", write_tokens(tmp_path / "val.bin", tokens[5000:])]
+
+
+def train(tmp_path, data, device, *args):
+    result = run("train_gpt2.py", "--device", device, "--tf32", "0", "--checkpoint", MODEL, *data, "-b", "4", "-t", "16",
+                 "--lr", "1e-3", "--val-every", "3", "--sample-every", "0", "--grad-accum", "2", "--grad-clip", "1.0",
+                 *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def losses(stdout):
+    return [float(x) for x in re.findall(r"(?:val loss|train loss) ([\d.]+)", stdout)]
+
+
+@pytest.mark.parametrize("first, second", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_resume_across_devices(tmp_path, data, first, second):
+    full = train(tmp_path, data, "cpu", "--steps", "8")
+    run_dir = str(tmp_path / f"run_{first}")
+    train(tmp_path, data, first, "--steps", "4", "--output-dir", run_dir)
+    resumed = train(tmp_path, data, second, "--steps", "8", "--resume", run_dir)
+    assert "resuming from" in resumed and "after 4 steps" in resumed
+    # the files are the CPU's formats byte for byte: a GPU-written model loads on the CPU
+    model = tg.gpt2_build_from_checkpoint(os.path.join(run_dir, "model_8.bin"))
+    assert model.params_memory.dtype == np.float32
+    np.testing.assert_allclose(losses(resumed), losses(full)[-len(losses(resumed)):], rtol=1e-5, atol=2e-6)
+
+
+def test_checkpoint_bytes_are_the_same_from_either_device(tmp_path):
+    model = tg.gpt2_build_from_checkpoint(MODEL)
+    tg.gpt2_write_checkpoint(model, str(tmp_path / "cpu.bin"))
+    tg.use_device("cuda")
+    try:
+        tg.gpt2_write_checkpoint(tg.gpt2_build_from_checkpoint(MODEL), str(tmp_path / "gpu.bin"))
+    finally:
+        tg.use_device("cpu")
+    assert (tmp_path / "cpu.bin").read_bytes() == (tmp_path / "gpu.bin").read_bytes() == open(MODEL, "rb").read()
