@@ -1,0 +1,607 @@
+"""
+Fused GPU forms of train_gpt2.py's layers, for --device cuda: llm.c's llmc/ folder, for CuPy.
+
+With xp = cupy, every layer of train_gpt2.py already runs on the GPU as written, but a layer such
+as layernorm is a chain of a dozen array operations, each one a kernel launch and a pass over
+memory. Here the layers that profiling showed to matter are written again as one (or a few) CUDA
+kernels each, with CuPy's own tools: ElementwiseKernel when the formula is one line per element,
+RawKernel when a row must be reduced first. Attention's matrix products call cuBLAS's
+strided-batched GEMM directly, with TF32 tensor cores (CuPy's 3-D `@` does not use them).
+
+The contract: every function here has exactly the signature and the semantics of the plain layer
+of the same name in train_gpt2.py (the same arguments, results and shapes, the same in-place writes
+into the gradient buffers it is given), so use_device can put it in the plain layer's place with
+globals().update(FUSED_LAYERS). Only a fused forward's cache is its own: its fused backward is the
+only reader. tests/test_cuda_layers.py checks each one against its plain layer.
+
+Everything is float32, as in train_gpt2.py: stored in float32 and computed in float32 (statistics,
+softmax, AdamW included). The one exception is TF32 in matrix products (set_tf32), which rounds
+their *inputs* to 10 mantissa bits and accumulates in float32, as llm.c's fp32 CUDA trainer does.
+CuPy compiles every kernel with -ftz=true: results below 1e-38 flush to zero.
+
+Nothing here touches the GPU when the module is imported: CuPy compiles each kernel at its first
+launch (and caches the binary on disk, in ~/.cupy/kernel_cache).
+"""
+
+import math
+
+import cupy
+import numpy as np
+
+# ----------------------------------------------------------------------------
+# matrix products: cuBLAS strided-batched GEMM, TF32 by default
+
+_tf32 = True  # TF32 tensor cores for attention's GEMMs here; set_tf32 also sets it for CuPy's own matmul
+
+
+def set_tf32(enabled):
+    # Whether matrix products use TF32 tensor cores (as llm.c's CUDA trainers do) or full fp32:
+    # for the GEMMs of this module, and for CuPy's own matmul (the linear layers' `@`), whose
+    # setting is global in CuPy and off by default. Call it once when choosing the GPU.
+    global _tf32
+    from cupy._core import _routines_linalg  # CuPy's matmul settings (its tests use the same)
+    enabled = bool(enabled) and int(cupy.cuda.Device().compute_capability) >= 80  # Ampere and later
+    compute = _routines_linalg.COMPUTE_TYPE_TF32 if enabled else _routines_linalg.COMPUTE_TYPE_DEFAULT
+    _routines_linalg.set_compute_type(cupy.float32, compute)
+    _tf32 = enabled
+
+
+def tf32_enabled():
+    return _tf32
+
+
+# alpha = 1 and beta = 0 of every GEMM here, passed to cuBLAS as pointers to host memory. That is
+# the handle's default pointer mode, and CuPy puts it back after any call of its own that changes
+# it; we set it anyway before each call, since the handle is CuPy's, shared with everything else.
+_ONE = np.array(1.0, dtype=np.float32)
+_ZERO = np.array(0.0, dtype=np.float32)
+
+
+def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False):
+    # out[i] = op(a[i]) @ op(b[i]) for each i of the first (batch) axis, where op(x) is x.T if asked.
+    # All three are C-contiguous float32 (batch, rows, cols) arrays; out is (batch, M, N).
+    batch, M, N = out.shape
+    K = a.shape[1] if transpose_a else a.shape[2]
+    assert a.shape[0] == b.shape[0] == batch and (b.shape[2] if transpose_b else b.shape[1]) == K
+    assert all(x.dtype == cupy.float32 and x.flags.c_contiguous for x in (a, b, out))
+    cublas = cupy.cuda.cublas  # (CuPy loads cuBLAS on first use)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if _tf32 else cublas.CUBLAS_COMPUTE_32F
+    # cuBLAS is column-major: it reads a row-major (r, c) matrix as its (c, r) transpose. So we ask it
+    # for out^T = op(b)^T @ op(a)^T, which it writes column-major: exactly out, row-major. The
+    # leading dimension of each row-major matrix is its row length, whether it is transposed or not.
+    cublas.gemmStridedBatchedEx(
+        handle,
+        cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N,  # op of the first operand, b
+        cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N,  # op of the second operand, a
+        N, M, K,  # m, n, k of the column-major product out^T (N, M) = (N, K) @ (K, M)
+        _ONE.ctypes.data,
+        b.data.ptr, cupy.cuda.runtime.CUDA_R_32F, b.shape[2], b.shape[1] * b.shape[2],
+        a.data.ptr, cupy.cuda.runtime.CUDA_R_32F, a.shape[2], a.shape[1] * a.shape[2],
+        _ZERO.ctypes.data,
+        out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, N, M * N,
+        batch, compute, cublas.CUBLAS_GEMM_DEFAULT)
+
+
+# ----------------------------------------------------------------------------
+# CUDA helpers for the RawKernels below: sums and maxima across a warp (32 threads that exchange
+# registers with shuffles) and across a block (the warps' results meet in shared memory)
+
+_CUDA_COMMON = r"""
+#define WARP_SIZE 32
+#define NEG_FLT_MAX (-3.402823466e+38f)  // the start of a running max: -inf would give inf - inf = nan
+
+// the sum of v over the 32 lanes of a warp, returned to every lane
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+"""
+
+# the same over a whole block, for kernels with one block per row
+_CUDA_BLOCK_REDUCE = r"""
+// the sum of v over all threads of a block (blockDim.x a multiple of 32), returned to every thread
+__device__ float block_sum(float v) {
+    __shared__ float warp_results[WARP_SIZE];
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    v = warp_sum(v);
+    __syncthreads();  // an earlier call may still be reading warp_results
+    if (lane == 0) warp_results[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < warps ? warp_results[lane] : 0.0f);
+}
+
+__device__ float block_max(float v) {
+    __shared__ float warp_results[WARP_SIZE];
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) warp_results[warp] = v;
+    __syncthreads();
+    return warp_max(lane < warps ? warp_results[lane] : NEG_FLT_MAX);
+}
+"""
+
+WARP_SIZE = 32
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------
+# LayerNorm
+# plain layer: mean = inp.mean(-1); var = ((inp - mean)**2).mean(-1); rstd = 1 / sqrt(var + eps);
+# out = (inp - mean) * rstd * weight + bias. One warp per row (b,t): its 32 lanes stride across the
+# C channels, and shuffles add up their partial sums.
+
+_LAYERNORM_SRC = _CUDA_COMMON + r"""
+extern "C" __global__ void layernorm_forward_kernel(
+        float* out, float* mean, float* rstd,
+        const float* inp, const float* weight, const float* bias, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;  // (b,t), of N = B*T
+    int lane = threadIdx.x % WARP_SIZE;
+    if (row >= N) return;  // (the whole warp leaves together: its shuffles stay complete)
+    const float* x = inp + (long long)row * C;
+    // mean = inp.mean(axis=-1)
+    float sum = 0.0f;
+    for (int i = lane; i < C; i += WARP_SIZE) sum += x[i];
+    float m = warp_sum(sum) / C;
+    // var = (xshift * xshift).mean(axis=-1), xshift = inp - mean: a second pass over the row, which
+    // the first one left in the cache (more exact than E[x^2] - mean^2)
+    float sumsq = 0.0f;
+    for (int i = lane; i < C; i += WARP_SIZE) {
+        float xshift = x[i] - m;
+        sumsq += xshift * xshift;
+    }
+    float var = warp_sum(sumsq) / C;
+    // rstd = 1.0 / sqrt(var + eps)
+    float s = 1.0f / sqrtf(var + 1e-5f);
+    // out = norm * weight + bias, norm = xshift * rstd
+    float* o = out + (long long)row * C;
+    for (int i = lane; i < C; i += WARP_SIZE) {
+        float norm = (x[i] - m) * s;
+        o[i] = norm * weight[i] + bias[i];
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// dinp, as the plain layer: dnorm = dout * weight,
+//   dinp = (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd,
+// and the parameters' gradients dbias = sum over (b,t) of dout, dweight = sum of dout * norm.
+// Block b takes rows [b * rows_per_block, ...), one warp per row at a time. Each warp adds its rows'
+// dout and dout * norm into its own (2, C) sums in shared memory, lane i owning channels i, i+32, ...:
+// no two threads ever write the same float, so no atomics, and the sums come out identical on every
+// run (llm.c adds with atomics, in an order that varies). At the end the block adds up its warps'
+// sums in a fixed order into its row of partial (nblocks, 2C); layernorm_param_sums_kernel adds those.
+extern "C" __global__ void layernorm_backward_kernel(
+        float* dinp, float* partial,
+        const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd,
+        int N, int C, int rows_per_block) {
+    extern __shared__ float sums[];  // (warps, 2, C): each warp's dbias sums, then its dweight sums
+    int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    float* dbias_sum = sums + (long long)warp * 2 * C;
+    float* dweight_sum = dbias_sum + C;
+    for (int i = lane; i < 2 * C; i += WARP_SIZE) dbias_sum[i] = 0.0f;  // (both halves)
+    __syncwarp();  // lane i zeroed dweight_sum[i] only if 32 divides C: wait for the others
+    int first = blockIdx.x * rows_per_block;
+    int last = first + rows_per_block < N ? first + rows_per_block : N;
+    for (int row = first + warp; row < last; row += warps) {
+        const float* x = inp + (long long)row * C;
+        const float* dy = dout + (long long)row * C;
+        float m = mean[row], s = rstd[row];
+        // norm is recomputed from inp (see llm.c's layernorm.md); the two means dinp needs:
+        float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
+        for (int i = lane; i < C; i += WARP_SIZE) {
+            float norm = (x[i] - m) * s;
+            float dnorm = dy[i] * weight[i];
+            sum_dnorm += dnorm;
+            sum_dnorm_norm += dnorm * norm;
+            dbias_sum[i] += dy[i];
+            dweight_sum[i] += dy[i] * norm;
+        }
+        float mean_dnorm = warp_sum(sum_dnorm) / C;
+        float mean_dnorm_norm = warp_sum(sum_dnorm_norm) / C;
+        float* dx = dinp + (long long)row * C;
+        for (int i = lane; i < C; i += WARP_SIZE) {
+            float norm = (x[i] - m) * s;
+            float dnorm = dy[i] * weight[i];
+            dx[i] = (dnorm - mean_dnorm - norm * mean_dnorm_norm) * s;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) total += sums[(long long)w * 2 * C + i];
+        partial[(long long)blockIdx.x * 2 * C + i] = total;
+    }
+}
+
+// dbias[c] = sum over b of partial[b, c], dweight[c] = sum over b of partial[b, C + c]: the column
+// sums of partial (nblocks, 2C). Block (32, 32): threadIdx.x picks a column, the 32 threadIdx.y walk
+// down the rows in step, then one thread per column adds their 32 sums, in order.
+extern "C" __global__ void layernorm_param_sums_kernel(
+        float* dbias, float* dweight, const float* partial, int nblocks, int C) {
+    __shared__ float column_sums[WARP_SIZE][WARP_SIZE + 1];  // (+1: no shared-memory bank conflicts)
+    int col = blockIdx.x * WARP_SIZE + threadIdx.x;
+    float total = 0.0f;
+    if (col < 2 * C)
+        for (int b = threadIdx.y; b < nblocks; b += blockDim.y) total += partial[(long long)b * 2 * C + col];
+    column_sums[threadIdx.y][threadIdx.x] = total;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < 2 * C) {
+        total = 0.0f;
+        for (int y = 0; y < blockDim.y; y++) total += column_sums[y][threadIdx.x];
+        if (col < C) dbias[col] = total; else dweight[col - C] = total;
+    }
+}
+"""
+_layernorm_forward_kernel = cupy.RawKernel(_LAYERNORM_SRC, "layernorm_forward_kernel")
+_layernorm_backward_kernel = cupy.RawKernel(_LAYERNORM_SRC, "layernorm_backward_kernel")  # (one compile:
+_layernorm_param_sums_kernel = cupy.RawKernel(_LAYERNORM_SRC, "layernorm_param_sums_kernel")  # same code)
+
+LAYERNORM_WARPS = 8  # rows (warps) in flight per block of the forward
+LAYERNORM_ROWS_PER_WARP = 4  # rows each warp of the backward takes: more means fewer partial sums to add
+SHARED_MEMORY_BYTES = 48 * 1024  # what a block may use without asking the driver for more
+
+
+def layernorm_forward(inp, weight, bias):
+    # replaces train_gpt2.layernorm_forward: out = (inp - mean) / sqrt(var + 1e-5) * weight + bias,
+    # over the last axis of inp (B,T,C); returns out and (inp, weight, mean, rstd), mean and rstd (B,T,1)
+    B, T, C = inp.shape
+    N = B * T
+    inp, weight, bias = (cupy.ascontiguousarray(x) for x in (inp, weight, bias))
+    out = cupy.empty((B, T, C), dtype=cupy.float32)
+    mean = cupy.empty((B, T, 1), dtype=cupy.float32)
+    rstd = cupy.empty((B, T, 1), dtype=cupy.float32)
+    _layernorm_forward_kernel((_ceil_div(N, LAYERNORM_WARPS),), (LAYERNORM_WARPS * WARP_SIZE,),
+                              (out, mean, rstd, inp, weight, bias, np.int32(N), np.int32(C)))
+    return out, (inp, weight, mean, rstd)
+
+
+def layernorm_backward(dout, cache, dweight, dbias):
+    # replaces train_gpt2.layernorm_backward: returns dinp (B,T,C) and *overwrites* dweight and dbias (C,)
+    inp, weight, mean, rstd = cache
+    B, T, C = inp.shape
+    N = B * T
+    dout = cupy.ascontiguousarray(dout)
+    warps = min(LAYERNORM_WARPS, SHARED_MEMORY_BYTES // (2 * C * 4))  # each warp's (2, C) float32 sums
+    if warps == 0:
+        raise ValueError(f"layernorm_backward: C = {C} channels is more than this kernel's shared memory holds")
+    rows_per_block = warps * LAYERNORM_ROWS_PER_WARP
+    nblocks = max(1, _ceil_div(N, rows_per_block))
+    dinp = cupy.empty((B, T, C), dtype=cupy.float32)
+    partial = cupy.empty((nblocks, 2 * C), dtype=cupy.float32)  # each block's dbias and dweight sums
+    _layernorm_backward_kernel((nblocks,), (warps * WARP_SIZE,),
+                               (dinp, partial, dout, inp, weight, mean, rstd,
+                                np.int32(N), np.int32(C), np.int32(rows_per_block)),
+                               shared_mem=warps * 2 * C * 4)
+    # the kernel writes the model's gradient buffers directly when it can (they are contiguous
+    # slices of grads_memory), else a scratch copy
+    direct = [isinstance(g, cupy.ndarray) and g.dtype == cupy.float32 and g.flags.c_contiguous
+              and g.shape == (C,) for g in (dbias, dweight)]
+    db = dbias if direct[0] else cupy.empty(C, dtype=cupy.float32)
+    dw = dweight if direct[1] else cupy.empty(C, dtype=cupy.float32)
+    _layernorm_param_sums_kernel((_ceil_div(2 * C, WARP_SIZE),), (WARP_SIZE, WARP_SIZE),
+                                 (db, dw, partial, np.int32(nblocks), np.int32(C)))
+    if not direct[0]:
+        dbias[...] = db
+    if not direct[1]:
+        dweight[...] = dw
+    return dinp
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# plain layer, per (b, head): preatt = q @ k^T / sqrt(hs); att = softmax(preatt) over t2 <= t
+# (the causal mask), out = att @ v. The products are cuBLAS GEMMs over all B*NH heads at once;
+# the softmax and its backward are one warp per row (b, h, t) of T entries.
+#
+# Memory: att is (B,NH,T,T), 400 MB per layer at B=8, T=1024, NH=12, and the plain layer keeps it
+# for the backward pass: 4.8 GB for GPT-2's 12 layers. The fused forward keeps only q, k, v and each
+# row's log-sum-exp lse (B,NH,T); the backward recomputes preatt = q @ k^T with one more GEMM and
+# att = exp(scale * preatt - lse), as FlashAttention does. Only one or two (B,NH,T,T) arrays then
+# exist at any time: the current layer's.
+
+_ATTENTION_SRC = _CUDA_COMMON + r"""
+// att = softmax(scale * preatt) over t2 <= t, 0 beyond (the causal mask); in place: att holds
+// preatt = q @ k^T on entry. Also writes lse = log(sum over t2 <= t of exp(scale * preatt)), all
+// the backward pass needs to rebuild att. One warp per row; row = (b * NH + h) * T + t.
+extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int rows, int T, float scale) {
+    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;
+    int t = row % T;  // the query's position: it sees keys t2 = 0..t
+    float* a = att + (long long)row * T;
+    // the max and the sum of exp(x - max) in one pass: when the max grows, rescale the sum so far
+    float maxval = NEG_FLT_MAX, sumval = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += WARP_SIZE) {
+        float x = scale * a[t2];  // preatt = (q @ k^T) * scale
+        if (x > maxval) {
+            sumval *= expf(maxval - x);
+            maxval = x;
+        }
+        sumval += expf(x - maxval);
+    }
+    float row_max = warp_max(maxval);
+    float row_sum = warp_sum(sumval * expf(maxval - row_max));
+    // att = exp(preatt - max) / sum, where t2 <= t
+    for (int t2 = lane; t2 < T; t2 += WARP_SIZE)
+        a[t2] = t2 <= t ? expf(scale * a[t2] - row_max) / row_sum : 0.0f;
+    if (lane == 0) lse[row] = row_max + logf(row_sum);
+}
+
+// the backward pass's att, rebuilt from preatt = q @ k^T (in place) and the forward's lse:
+// att = exp(scale * preatt - lse) = exp(scale * preatt - max) / sum, where t2 <= t. One warp per row.
+extern "C" __global__ void attention_recompute_kernel(float* att, const float* lse, int rows, int T, float scale) {
+    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;
+    int t = row % T;
+    float* a = att + (long long)row * T;
+    float row_lse = lse[row];
+    for (int t2 = lane; t2 < T; t2 += WARP_SIZE) a[t2] = t2 <= t ? expf(scale * a[t2] - row_lse) : 0.0f;
+}
+
+// dpreatt = att * (datt - sum over t2 of att * datt), the softmax's backward, times scale (from
+// preatt = scale * q @ k^T, folded in here once instead of into both dq and dk); in place: datt
+// holds datt on entry and scale * dpreatt on exit. Masked entries (att = 0) get 0. One warp per row.
+extern "C" __global__ void attention_softmax_backward_kernel(
+        float* datt, const float* att, int rows, int T, float scale) {
+    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (row >= rows) return;
+    int t = row % T;
+    float* d = datt + (long long)row * T;
+    const float* a = att + (long long)row * T;
+    float sum = 0.0f;
+    for (int t2 = lane; t2 <= t; t2 += WARP_SIZE) sum += a[t2] * d[t2];
+    sum = warp_sum(sum);
+    for (int t2 = lane; t2 < T; t2 += WARP_SIZE)
+        d[t2] = t2 <= t ? scale * (a[t2] * (d[t2] - sum)) : 0.0f;
+}
+"""
+_attention_softmax_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_softmax_kernel")
+_attention_recompute_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_recompute_kernel")
+_attention_softmax_backward_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_softmax_backward_kernel")
+
+ATTENTION_WARPS = 8  # rows (warps) per block of the kernels above
+
+
+def attention_forward(inp, NH):
+    # replaces train_gpt2.attention_forward: inp (B,T,3C) holds q, k, v side by side; returns the
+    # causal self-attention out (B,T,C) and a cache with q, k, v and lse (but no (B,NH,T,T) array)
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH  # head size
+    scale = 1.0 / math.sqrt(hs)
+    # q, k, v = inp.reshape(B,T,3,NH,hs).transpose(2,0,3,1,4): one copy makes them contiguous, 3 x (B*NH,T,hs)
+    qkv = cupy.ascontiguousarray(inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)).reshape(3, B * NH, T, hs)
+    q, k, v = qkv
+    att = cupy.empty((B * NH, T, T), dtype=cupy.float32)
+    _batched_matmul(q, k, att, transpose_b=True)  # preatt = q @ k^T (unscaled): (B*NH,T,hs) @ (B*NH,hs,T)
+    lse = cupy.empty((B, NH, T), dtype=cupy.float32)
+    rows = B * NH * T
+    grid, block = (_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,)
+    _attention_softmax_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale)))
+    out = cupy.empty((B * NH, T, hs), dtype=cupy.float32)
+    _batched_matmul(att, v, out)  # out = att @ v: (B*NH,T,T) @ (B*NH,T,hs)
+    # re-assemble all head outputs side by side: (B,NH,T,hs) -> (B,T,NH,hs) -> (B,T,C)
+    out = cupy.ascontiguousarray(out.reshape(B, NH, T, hs).transpose(0, 2, 1, 3)).reshape(B, T, C)
+    return out, (qkv, lse, NH)
+
+
+def attention_backward(dout, cache):
+    # replaces train_gpt2.attention_backward: dout (B,T,C) -> dinp (B,T,3C)
+    qkv, lse, NH = cache
+    _, BNH, T, hs = qkv.shape
+    B, C = BNH // NH, NH * hs
+    scale = 1.0 / math.sqrt(hs)
+    q, k, v = qkv
+    dout = cupy.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)).reshape(BNH, T, hs)
+    # rebuild att: preatt = q @ k^T again, then att = exp(scale * preatt - lse) where t2 <= t
+    rows = BNH * T
+    grid, block = (_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,)
+    att = cupy.empty((BNH, T, T), dtype=cupy.float32)
+    _batched_matmul(q, k, att, transpose_b=True)
+    _attention_recompute_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale)))
+    dqkv = cupy.empty((3, BNH, T, hs), dtype=cupy.float32)  # dq, dk, dv side by side, as inp holds q, k, v
+    dq, dk, dv = dqkv
+    # out = att @ v, so:
+    _batched_matmul(att, dout, dv, transpose_a=True)  # dv = att^T @ dout: (T,T)^T @ (T,hs)
+    datt = cupy.empty((BNH, T, T), dtype=cupy.float32)
+    _batched_matmul(dout, v, datt, transpose_b=True)  # datt = dout @ v^T: (T,hs) @ (hs,T)
+    # att = softmax(preatt): datt becomes scale * dpreatt, in place
+    _attention_softmax_backward_kernel(grid, block, (datt, att, np.int32(rows), np.int32(T), np.float32(scale)))
+    del att
+    # preatt = scale * q @ k^T, so (scale already in datt):
+    _batched_matmul(datt, k, dq)  # dq = dpreatt @ k * scale: (T,T) @ (T,hs)
+    _batched_matmul(datt, q, dk, transpose_a=True)  # dk = dpreatt^T @ q * scale: (T,T)^T @ (T,hs)
+    # (3,B,NH,T,hs) -> (B,T,3,NH,hs) -> (B,T,3C)
+    return cupy.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
+
+
+# ----------------------------------------------------------------------------
+# GeLU: elementwise, so CuPy writes the loop around the formula
+
+_GELU_PREAMBLE = "#define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2 / pi), rounded to float32\n"
+
+_gelu_forward_kernel = cupy.ElementwiseKernel(
+    "float32 x", "float32 out",
+    """
+    float cube = 0.044715f * x * x * x;
+    out = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube)));
+    """,
+    "gelu_forward_kernel", preamble=_GELU_PREAMBLE)
+
+_gelu_backward_kernel = cupy.ElementwiseKernel(
+    "float32 x, float32 dout", "float32 dinp",
+    """
+    float cube = 0.044715f * x * x * x;
+    float tanh_out = tanhf(GELU_SCALING_FACTOR * (x + cube));
+    float sech2 = 1.0f - tanh_out * tanh_out;  // sech^2 = 1 / cosh^2 = 1 - tanh^2
+    // d/dx of 0.5 * x * (1 + tanh(s * (x + 0.044715 x^3))):
+    float local_grad = 0.5f * (1.0f + tanh_out) + x * 0.5f * sech2 * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
+    dinp = local_grad * dout;
+    """,
+    "gelu_backward_kernel", preamble=_GELU_PREAMBLE)
+
+
+def gelu_forward(inp):
+    # replaces train_gpt2.gelu_forward: out = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+    return _gelu_forward_kernel(inp), inp
+
+
+def gelu_backward(dout, cache):
+    # replaces train_gpt2.gelu_backward: dinp = local_grad * dout, the derivative of the line above
+    return _gelu_backward_kernel(cache, dout)
+
+
+# ----------------------------------------------------------------------------
+# Softmax and cross-entropy over the vocabulary
+# plain layers: probs = exp(logits - max) / sum over the first V of Vp columns;
+# dlogits = probs * dloss - dloss at the target column, 0 in the padded columns V..Vp.
+# One block per row (b,t): 50,257 entries are too many for one warp.
+
+_SOFTMAX_SRC = _CUDA_COMMON + _CUDA_BLOCK_REDUCE + r"""
+// probs (rows, V) = softmax of logits (rows, Vp)[:, :V]
+extern "C" __global__ void softmax_forward_kernel(float* probs, const float* logits, int rows, int V, int Vp) {
+    if (blockIdx.x >= rows) return;
+    const float* x = logits + (long long)blockIdx.x * Vp;
+    float* p = probs + (long long)blockIdx.x * V;
+    // each thread's max and sum of exp(x - max) in one pass (as attention_softmax_kernel), then the block's
+    float maxval = NEG_FLT_MAX, sumval = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float xi = x[i];
+        if (xi > maxval) {
+            sumval *= expf(maxval - xi);
+            maxval = xi;
+        }
+        sumval += expf(xi - maxval);  // (a logit of -inf, as top-k sampling makes, adds 0)
+    }
+    float row_max = block_max(maxval);
+    float row_sum = block_sum(sumval * expf(maxval - row_max));
+    // probs = exp(logits - max) / sum
+    for (int i = threadIdx.x; i < V; i += blockDim.x) p[i] = expf(x[i] - row_max) / row_sum;
+}
+
+// dlogits (rows, Vp): d loss / d logit i = (probs[i] - 1[i == target]) * dloss, 0 for i >= V
+extern "C" __global__ void crossentropy_softmax_backward_kernel(
+        float* dlogits, const float* dlosses, const float* probs, const int* targets, int rows, int V, int Vp) {
+    if (blockIdx.x >= rows) return;
+    float dloss = dlosses[blockIdx.x];
+    int target = targets[blockIdx.x];
+    const float* p = probs + (long long)blockIdx.x * V;
+    float* d = dlogits + (long long)blockIdx.x * Vp;
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        float g = 0.0f;  // the padded columns never entered the softmax
+        if (i < V) {
+            g = p[i] * dloss;
+            if (i == target) g -= dloss;
+        }
+        d[i] = g;
+    }
+}
+"""
+_softmax_forward_kernel = cupy.RawKernel(_SOFTMAX_SRC, "softmax_forward_kernel")
+_crossentropy_softmax_backward_kernel = cupy.RawKernel(_SOFTMAX_SRC, "crossentropy_softmax_backward_kernel")
+
+SOFTMAX_THREADS = 512  # per row: about 100 of GPT-2's 50,257 logits each
+
+
+def softmax_forward(logits, V):
+    # replaces train_gpt2.softmax_forward: logits (B,T,Vp) -> probs (B,T,V), a new array
+    B, T, Vp = logits.shape
+    logits = cupy.ascontiguousarray(logits)
+    probs = cupy.empty((B, T, V), dtype=cupy.float32)
+    _softmax_forward_kernel((B * T,), (SOFTMAX_THREADS,),
+                            (probs, logits, np.int32(B * T), np.int32(V), np.int32(Vp)))
+    return probs
+
+
+def crossentropy_softmax_backward(dlosses, probs, targets, Vp):
+    # replaces train_gpt2.crossentropy_softmax_backward: dlosses (B,T), probs (B,T,V), targets (B,T)
+    # token ids -> dlogits (B,T,Vp), zero in the padded columns
+    B, T, V = probs.shape
+    dlosses = cupy.ascontiguousarray(cupy.asarray(dlosses), dtype=cupy.float32)
+    probs = cupy.ascontiguousarray(probs)
+    targets = cupy.ascontiguousarray(cupy.asarray(targets), dtype=cupy.int32)  # token ids fit in int32
+    dlogits = cupy.empty((B, T, Vp), dtype=cupy.float32)
+    _crossentropy_softmax_backward_kernel((B * T,), (SOFTMAX_THREADS,),
+                                          (dlogits, dlosses, probs, targets,
+                                           np.int32(B * T), np.int32(V), np.int32(Vp)))
+    return dlogits
+
+
+# ----------------------------------------------------------------------------
+# AdamW
+# plain layer (train_gpt2.adamw_plain): m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+# param -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * param). adamw_plain makes a dozen
+# temporary arrays the size of the parameters; here each value is loaded once and stored once.
+# float32 throughout, like the plain layer on float32 arrays; the bias corrections are computed on
+# the host in Python floats, then rounded to float32 as NumPy does. --fmad=false keeps the compiler
+# from fusing a * b + c into one rounding, so the arithmetic is the plain layer's, step for step.
+
+_adamw_kernel = cupy.ElementwiseKernel(
+    "float32 grad, float32 learning_rate, float32 beta1, float32 beta2, float32 one_minus_beta1, "
+    "float32 one_minus_beta2, float32 beta1_correction, float32 beta2_correction, float32 eps, "
+    "float32 weight_decay",
+    "float32 param, float32 m, float32 v",
+    """
+    m = beta1 * m + one_minus_beta1 * grad;
+    v = beta2 * v + one_minus_beta2 * (grad * grad);
+    float m_hat = m / beta1_correction;
+    float v_hat = v / beta2_correction;
+    param -= learning_rate * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * param);
+    """,
+    "adamw_kernel", options=("--fmad=false",))
+
+
+def adamw_fused(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_decay, t):
+    # replaces train_gpt2's adamw (adamw_plain): updates param, m and v in place, any shape
+    f32 = np.float32
+    _adamw_kernel(grad, f32(learning_rate), f32(beta1), f32(beta2), f32(1.0 - beta1), f32(1.0 - beta2),
+                  f32(1.0 - beta1 ** t), f32(1.0 - beta2 ** t), f32(eps), f32(weight_decay),
+                  param, m, v)
+
+
+# ----------------------------------------------------------------------------
+# what runs where
+
+
+def device_description():
+    # one line: the GPU, its compute capability and memory, and the CuPy and CUDA versions
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    runtime, driver = (_cuda_version(v) for v in (cupy.cuda.runtime.runtimeGetVersion(),
+                                                   cupy.cuda.runtime.driverGetVersion()))
+    return (f"{name} (compute capability {props['major']}.{props['minor']}, "
+            f"{props['totalGlobalMem'] / 2**30:.1f} GiB), CuPy {cupy.__version__}, "
+            f"CUDA runtime {runtime}, driver {driver}")
+
+
+def _cuda_version(v):
+    return f"{v // 1000}.{v % 1000 // 10}"  # CUDA writes 13.0 as 13000
+
+
+# the plain layers of train_gpt2.py that these replace, by name (train_gpt2.use_device installs them)
+FUSED_LAYERS = {
+    "layernorm_forward": layernorm_forward,
+    "layernorm_backward": layernorm_backward,
+    "attention_forward": attention_forward,
+    "attention_backward": attention_backward,
+    "gelu_forward": gelu_forward,
+    "gelu_backward": gelu_backward,
+    "softmax_forward": softmax_forward,
+    "crossentropy_softmax_backward": crossentropy_softmax_backward,
+    "adamw": adamw_fused,
+}

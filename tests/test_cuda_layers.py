@@ -1,0 +1,278 @@
+"""The fused GPU layers of cuda_layers.py against the plain layers of train_gpt2.py they replace.
+
+A fused function must be a drop-in for the plain layer of the same name: the same results, shapes
+and in-place writes. Each test runs the plain layer with NumPy on the CPU and the fused one with
+CuPy on the GPU, on the same random float32 inputs, on awkward shapes: T = 1, T and C that are not
+multiples of any block size, odd head sizes. Matrix products use full fp32 here (set_tf32(False)),
+so the two may differ only by float32 rounding in another order: we measure the error against the
+size of the whole tensor (its norm). One attention test runs with TF32, at a TF32 tolerance.
+
+Skipped, with the reason, where CuPy is not installed or no GPU is usable.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)",
+                           exc_type=ImportError)
+try:
+    _gpus, _why = cupy.cuda.runtime.getDeviceCount(), "CUDA sees no GPU"
+except Exception as e:  # no driver, or a CuPy built for another CUDA version than the driver's
+    _gpus, _why = 0, f"{type(e).__name__}: {e}"
+if _gpus == 0:
+    pytest.skip(f"no usable GPU for CuPy ({_why})", allow_module_level=True)
+
+import cuda_layers as cl  # noqa: E402 (only with a GPU)
+import train_gpt2 as tg  # noqa: E402
+
+RTOL = 1e-5  # float32 reassociation: the sums add the same terms in another order
+RTOL_TF32 = 2e-3  # TF32 rounds the matrix products' inputs to 10 mantissa bits (2^-11 = 5e-4 each)
+
+# (B, T, C, NH): T = 1; T and C not multiples of 8, 32 or 256; head sizes 12, 12, 12, 9 (odd), 32
+SHAPES = [(2, 37, 48, 4), (1, 1, 24, 2), (3, 65, 60, 5), (3, 65, 45, 5), (2, 130, 96, 3)]
+SHAPE_IDS = [f"B{B}-T{T}-C{C}-NH{NH}" for B, T, C, NH in SHAPES]
+
+
+def plain(name):
+    # the plain layer of train_gpt2.py, even where use_device has put a fused one in its place
+    return getattr(tg, "PLAIN_LAYERS", {}).get(name) or getattr(tg, name)
+
+
+@pytest.fixture(autouse=True)
+def numpy_plain_layers_and_fp32_matmuls(monkeypatch):
+    monkeypatch.setattr(tg, "xp", np, raising=False)  # the plain layers compute with NumPy, on the CPU
+    was = cl.tf32_enabled()
+    cl.set_tf32(False)
+    yield
+    cl.set_tf32(was)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def randn(rng, *shape, scale=1.0, shift=0.0):
+    return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    # actual from the GPU (CuPy), expected from the plain layer (NumPy); rtol relative to the tensor's norm
+    assert isinstance(actual, cupy.ndarray), type(actual)
+    actual = actual.get()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == np.float32, actual.dtype
+    assert np.isfinite(actual).all()
+    err = np.linalg.norm(actual.astype(np.float64) - expected) / max(np.linalg.norm(expected.astype(np.float64)), 1e-30)
+    assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+
+
+def test_the_fused_layers_stand_in_for_the_plain_ones():
+    assert set(cl.FUSED_LAYERS) == {"layernorm_forward", "layernorm_backward", "attention_forward",
+                                    "attention_backward", "gelu_forward", "gelu_backward", "softmax_forward",
+                                    "crossentropy_softmax_backward", "adamw"}
+    for name, fused in cl.FUSED_LAYERS.items():
+        reference = tg.adamw_plain if name == "adamw" else plain(name)
+        assert list(inspect.signature(fused).parameters) == list(inspect.signature(reference).parameters), name
+
+
+# ----------------------------------------------------------------------------
+# GeLU
+
+
+@pytest.mark.parametrize("B, T, C, NH", SHAPES, ids=SHAPE_IDS)
+def test_gelu(rng, B, T, C, NH):
+    inp, dout = randn(rng, B, T, 4 * C, scale=2.0), randn(rng, B, T, 4 * C)
+    out, cache = plain("gelu_forward")(inp)
+    dinp = plain("gelu_backward")(dout, cache)
+    out_gpu, cache_gpu = cl.gelu_forward(cupy.asarray(inp))
+    assert_close(out_gpu, out)
+    assert_close(cl.gelu_backward(cupy.asarray(dout), cache_gpu), dinp)
+
+
+def test_gelu_on_a_view(rng):
+    big, dout = randn(rng, 2, 5, 64, scale=3.0), randn(rng, 2, 5, 32)
+    inp = big[..., ::2]  # not contiguous
+    out, cache = plain("gelu_forward")(inp)
+    out_gpu, cache_gpu = cl.gelu_forward(cupy.asarray(big)[..., ::2])
+    assert_close(out_gpu, out)
+    assert_close(cl.gelu_backward(cupy.asarray(dout), cache_gpu), plain("gelu_backward")(dout, cache))
+
+
+# ----------------------------------------------------------------------------
+# LayerNorm
+
+# beyond SHAPES: many rows (several blocks of the backward), odd C, GPT-2 XL's C = 1600, C = 1
+LAYERNORM_SHAPES = [(B, T, C) for B, T, C, _ in SHAPES] + [(4, 300, 37), (2, 7, 1600), (1, 3, 1)]
+
+
+@pytest.mark.parametrize("B, T, C", LAYERNORM_SHAPES, ids=[f"B{B}-T{T}-C{C}" for B, T, C in LAYERNORM_SHAPES])
+def test_layernorm(rng, B, T, C):
+    inp, dout = randn(rng, B, T, C, scale=2.0, shift=0.5), randn(rng, B, T, C)
+    weight, bias = randn(rng, C), randn(rng, C)
+    out, cache = plain("layernorm_forward")(inp, weight, bias)
+    dweight, dbias = np.empty(C, np.float32), np.empty(C, np.float32)
+    dinp = plain("layernorm_backward")(dout, cache, dweight, dbias)
+
+    out_gpu, cache_gpu = cl.layernorm_forward(cupy.asarray(inp), cupy.asarray(weight), cupy.asarray(bias))
+    assert_close(out_gpu, out)
+    # mean and rstd are (B,T,1), as the plain layer's
+    assert_close(cache_gpu[2], cache[2])
+    assert_close(cache_gpu[3], cache[3])
+    # the gradients go into slices of one buffer, as into the model's grads_memory: overwritten, the rest untouched
+    grads = cupy.full((3, C), np.nan, dtype=cupy.float32)
+    dinp_gpu = cl.layernorm_backward(cupy.asarray(dout), cache_gpu, grads[1], grads[2])
+    assert_close(dinp_gpu, dinp)
+    assert_close(grads[1], dweight)
+    assert_close(grads[2], dbias)
+    assert cupy.isnan(grads[0]).all()
+
+
+def test_layernorm_on_views(rng):
+    # a non-contiguous input, and gradient buffers with a stride
+    B, T, C = 3, 17, 40
+    big, dout = randn(rng, B, T, C + 8), randn(rng, B, T, C)
+    weight, bias = randn(rng, C), randn(rng, C)
+    out, cache = plain("layernorm_forward")(big[..., :C], weight, bias)
+    dweight, dbias = np.empty(C, np.float32), np.empty(C, np.float32)
+    dinp = plain("layernorm_backward")(dout, cache, dweight, dbias)
+    out_gpu, cache_gpu = cl.layernorm_forward(cupy.asarray(big)[..., :C], cupy.asarray(weight), cupy.asarray(bias))
+    assert_close(out_gpu, out)
+    grads = cupy.full((C, 2), np.nan, dtype=cupy.float32)
+    assert_close(cl.layernorm_backward(cupy.asarray(dout), cache_gpu, grads[:, 0], grads[:, 1]), dinp)
+    assert_close(grads[:, 0], dweight)
+    assert_close(grads[:, 1], dbias)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+
+
+def check_attention(rng, B, T, C, NH, rtol):
+    inp, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    out, cache = plain("attention_forward")(inp, NH)
+    dinp = plain("attention_backward")(dout, cache)
+    out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
+    assert_close(out_gpu, out, rtol)
+    assert_close(cl.attention_backward(cupy.asarray(dout), cache_gpu), dinp, rtol)
+
+
+@pytest.mark.parametrize("B, T, C, NH", SHAPES, ids=SHAPE_IDS)
+def test_attention(rng, B, T, C, NH):
+    check_attention(rng, B, T, C, NH, RTOL)
+
+
+def test_attention_tf32(rng):
+    cl.set_tf32(True)
+    if not cl.tf32_enabled():
+        pytest.skip("this GPU has no TF32 tensor cores (compute capability below 8.0)")
+    check_attention(rng, 2, 130, 96, 3, RTOL_TF32)
+
+
+def test_attention_on_a_view(rng):
+    B, T, C, NH = 2, 19, 32, 2
+    big, dout = randn(rng, B, T, 3 * C + 5), randn(rng, B, T, C)
+    out, cache = plain("attention_forward")(big[..., :3 * C], NH)
+    out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(big)[..., :3 * C], NH)
+    assert_close(out_gpu, out)
+    assert_close(cl.attention_backward(cupy.asarray(dout), cache_gpu), plain("attention_backward")(dout, cache))
+
+
+def arrays_in(cache):
+    # every CuPy array in a cache of nested tuples, lists and dicts
+    if isinstance(cache, cupy.ndarray):
+        return [cache]
+    if isinstance(cache, dict):
+        cache = list(cache.values())
+    if isinstance(cache, (tuple, list)):
+        return [a for item in cache for a in arrays_in(item)]
+    return []
+
+
+def test_attention_cache_keeps_no_attention_matrix(rng):
+    # the fused forward keeps q, k, v and one number per row, not att (B,NH,T,T): the backward recomputes it
+    B, T, C, NH = 2, 130, 96, 3
+    _, cache = cl.attention_forward(cupy.asarray(randn(rng, B, T, 3 * C)), NH)
+    arrays = arrays_in(cache)
+    assert arrays
+    assert not any(a.ndim >= 2 and a.shape[-2:] == (T, T) for a in arrays)
+    assert sum(a.size for a in arrays) <= B * T * 3 * C + B * NH * T < B * NH * T * T
+
+
+# ----------------------------------------------------------------------------
+# softmax and cross-entropy over the vocabulary
+
+# (B, T, V, Vp): V odd and padded; GPT-2's vocabulary; V = 1; V = Vp (as the sampler calls it)
+VOCAB_SHAPES = [(2, 3, 97, 128), (1, 2, 50257, 50304), (3, 5, 1, 8), (2, 7, 333, 333)]
+VOCAB_IDS = [f"B{B}-T{T}-V{V}-Vp{Vp}" for B, T, V, Vp in VOCAB_SHAPES]
+
+
+@pytest.mark.parametrize("B, T, V, Vp", VOCAB_SHAPES, ids=VOCAB_IDS)
+def test_softmax(rng, B, T, V, Vp):
+    logits = randn(rng, B, T, Vp, scale=3.0)
+    logits[..., V:] = 1e4  # the padding must not take part
+    assert_close(cl.softmax_forward(cupy.asarray(logits), V), plain("softmax_forward")(logits, V))
+
+
+def test_softmax_with_excluded_tokens(rng):
+    # top-k sampling sets the logits of the tokens it excludes to -inf: they get probability 0
+    V = 1000
+    logits = randn(rng, 1, 1, V, scale=3.0)
+    logits[..., rng.permutation(V)[:990]] = -np.inf
+    expected = plain("softmax_forward")(logits, V)
+    probs = cl.softmax_forward(cupy.asarray(logits), V)
+    assert_close(probs, expected)
+    assert ((probs.get() == 0) == (expected == 0)).all()
+
+
+@pytest.mark.parametrize("B, T, V, Vp", VOCAB_SHAPES, ids=VOCAB_IDS)
+def test_crossentropy_softmax_backward(rng, B, T, V, Vp):
+    probs = plain("softmax_forward")(randn(rng, B, T, Vp, scale=3.0), V)
+    dlosses = randn(rng, B, T)
+    targets = rng.integers(0, V, size=(B, T))  # int64, as NumPy makes them
+    targets.flat[0], targets.flat[-1] = 0, V - 1  # the first and the last column
+    expected = plain("crossentropy_softmax_backward")(dlosses, probs, targets, Vp)
+    dlogits = cl.crossentropy_softmax_backward(cupy.asarray(dlosses), cupy.asarray(probs), cupy.asarray(targets), Vp)
+    assert_close(dlogits, expected)
+    assert (dlogits[..., V:] == 0).all()
+
+
+# ----------------------------------------------------------------------------
+# AdamW
+
+
+@pytest.mark.parametrize("shape", [(1001,), (3, 37)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw(rng, shape, weight_decay):
+    param = randn(rng, *shape)
+    m, v = np.zeros_like(param), np.zeros_like(param)
+    param_gpu, m_gpu, v_gpu = cupy.asarray(param), cupy.asarray(m), cupy.asarray(v)
+    for t in range(1, 4):
+        grad = randn(rng, *shape)
+        tg.adamw_plain(param, grad, m, v, 1e-2, 0.9, 0.999, 1e-8, weight_decay, t)
+        cl.adamw_fused(param_gpu, cupy.asarray(grad), m_gpu, v_gpu, 1e-2, 0.9, 0.999, 1e-8, weight_decay, t)
+        # the same float32 operations in the same order (no fused multiply-adds): equal up to an ulp
+        assert_close(m_gpu, m, 1e-6)
+        assert_close(v_gpu, v, 1e-6)
+        assert_close(param_gpu, param, 1e-6)
+
+
+# ----------------------------------------------------------------------------
+# the module's settings
+
+
+def test_set_tf32_sets_cupys_matmul_too():
+    from cupy._core import _routines_linalg
+    cl.set_tf32(True)
+    if cl.tf32_enabled():  # (compute capability 8.0 or later)
+        assert cupy._core.get_compute_type(cupy.float32) == _routines_linalg.COMPUTE_TYPE_TF32
+    cl.set_tf32(False)
+    assert not cl.tf32_enabled()
+    assert cupy._core.get_compute_type(cupy.float32) == _routines_linalg.COMPUTE_TYPE_DEFAULT
+
+
+def test_device_description():
+    line = cl.device_description()
+    assert "\n" not in line and "compute capability" in line and f"CuPy {cupy.__version__}" in line
