@@ -12,7 +12,15 @@ Dev only: it needs PyTorch (`pip install torch==2.13.0`, the CPU build); the scr
 The model is written from scratch in the style of nanoGPT's model.py (autograd does the backward
 pass), and shares no code with train_gpt2.py. Its weights start as GPT-2's do, and then every
 LayerNorm weight and bias and every Linear bias is randomized too, so that none of the 16 gradients
-is trivial.
+is trivial. Two things make the check sharper than a freshly initialized GPT-2 would:
+- the query/key/value and MLP-input weights have std 1/sqrt(C), so their outputs are of unit scale,
+  as in a trained model (GPT-2's 0.02 leaves attention nearly uniform and GeLU nearly linear, where
+  errors in their backward passes hide);
+- the batch repeats tokens, as text does: every fourth position holds the same token, and the second
+  row starts with the first row's opening tokens, so the gradients of repeated rows of wte must add up.
+PyTorch computes in float64 (the weights are float32 values, so both sides use the same model), and
+the results are written as float32: what test_gpt2.py then measures is train_gpt2.py's own float32
+error, not the sum of two implementations' (--dtype float32 gives a state like llm.c's).
 """
 
 import argparse
@@ -160,6 +168,9 @@ def main():
     parser.add_argument("-B", type=int, default=4, help="batch size of the debug state")
     parser.add_argument("-T", type=int, help="sequence length of the debug state (default 16 for tiny, else 64)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                        help="PyTorch's arithmetic: float64 (default) gives references exact to float32's rounding, "
+                             "so what test_gpt2.py measures is train_gpt2.py's own error; float32 as llm.c's state")
     parser.add_argument("--out-dir", help="default: tests/fixtures for tiny, else the current folder")
     parser.add_argument("--name", help="file name stem (default: tiny_gpt2, or gpt2_<depth>)")
     args = parser.parse_args()
@@ -173,15 +184,17 @@ def main():
     t0 = time.time()
 
     # GPT-2's initialization (normal 0.02; the projections into the residual stream 0.02/sqrt(2L)),
-    # then random LayerNorm and bias parameters so their gradients are exercised too
+    # but 1/sqrt(C) for the qkv and MLP-input weights (outputs of unit scale, as in a trained model: sharp
+    # attention, GeLU in its curved part), then random LayerNorm and bias parameters so their gradients
+    # are exercised too
     torch.manual_seed(args.seed)
     model = GPT(V, maxT, L, NH, C)
     with torch.no_grad():
         for p in (model.wte.weight, model.wpe.weight):
             p.normal_(0.0, 0.02)
         for block in model.h:
-            for linear, std in [(block.c_attn, 0.02), (block.attn_proj, 0.02 / math.sqrt(2 * L)),
-                                (block.c_fc, 0.02), (block.mlp_proj, 0.02 / math.sqrt(2 * L))]:
+            for linear, std in [(block.c_attn, 1 / math.sqrt(C)), (block.attn_proj, 0.02 / math.sqrt(2 * L)),
+                                (block.c_fc, 1 / math.sqrt(C)), (block.mlp_proj, 0.02 / math.sqrt(2 * L))]:
                 linear.weight.normal_(0.0, std)
                 linear.bias.normal_(0.0, 0.02)
         for ln in [m for m in model.modules() if isinstance(m, nn.LayerNorm)]:
@@ -189,6 +202,13 @@ def main():
             ln.bias.normal_(0.0, 0.1)
     x = torch.randint(0, V, (B, T))
     y = torch.randint(0, V, (B, T))  # any ids will do: the test feeds exactly these
+    # but repeated ones, as in text: a frequent token at every fourth position, and a repeated phrase
+    # (an embedding row used several times gets the sum of its gradients; a bug there shows only so)
+    x[:, ::4] = x[0, 0]
+    if B > 1:
+        x[1, :T // 2] = x[0, :T // 2]
+    if args.dtype == "float64":
+        model.double()  # the weights are float32 values, written exactly; the arithmetic is float64
 
     # AdamW as test_gpt2 runs it (llm.c's test_gpt2.c): weight decay 0.01 on every tensor
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,

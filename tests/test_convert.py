@@ -2,19 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import train_gpt2 as tg
+from helpers import LOSSES, MODEL, STATE, TIGHT, run
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="dev/convert_hf.py needs safetensors")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-MODEL = os.path.join(FIXTURES, "tiny_gpt2.bin")
 
 
 def write_hf(folder, model, prefix="", extras=True):
@@ -42,7 +37,7 @@ def write_hf(folder, model, prefix="", extras=True):
 
 
 def convert(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "dev", "convert_hf.py"), *args], capture_output=True, text=True)
+    return run(os.path.join("dev", "convert_hf.py"), *args)
 
 
 @pytest.mark.parametrize("prefix, extras", [("", True), ("transformer.", False)])
@@ -57,10 +52,8 @@ def test_convert_gives_the_pytorch_export_byte_for_byte(tmp_path, prefix, extras
 def test_converted_model_computes_pytorchs_logits(tmp_path):
     write_hf(tmp_path / "hf", tg.gpt2_build_from_checkpoint(MODEL))
     assert convert(str(tmp_path / "hf"), "-o", str(tmp_path / "out.bin")).returncode == 0
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "test_gpt2.py"), "--checkpoint", str(tmp_path / "out.bin"),
-                             "--state", os.path.join(FIXTURES, "tiny_gpt2_debug_state.bin"),
-                             "--expected-losses", os.path.join(FIXTURES, "tiny_gpt2_expected_losses.json"),
-                             "--logits-tol", "1e-5", "--grad-tol", "1e-6", "--loss-tol", "1e-5"], capture_output=True, text=True)
+    result = run("test_gpt2.py", "--checkpoint", str(tmp_path / "out.bin"), "--state", STATE, "--expected-losses", LOSSES,
+                 *TIGHT)
     assert result.returncode == 0 and "overall okay: 1" in result.stdout, result.stdout[-2000:]
 
 

@@ -2,7 +2,6 @@
 
 import http.server
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -11,21 +10,17 @@ import numpy as np
 import pytest
 
 import download_starter_pack as dl
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+from helpers import MODEL, ROOT, STATE, TOKENIZER_MAGIC, header, token_bytes
 
 
 def starter_pack():
     # small stand-ins with llm.c's headers: the tiny fixture model plays GPT-2 124M
-    header = lambda *v: struct.pack("<256i", *v, *([0] * (256 - len(v))))
-    tokens = lambda n: header(20240520, 1, n) + (np.arange(n) % 777).astype("<u2").tobytes()
     return {
-        "gpt2_124M.bin": open(os.path.join(FIXTURES, "tiny_gpt2.bin"), "rb").read(),
-        "gpt2_124M_debug_state.bin": open(os.path.join(FIXTURES, "tiny_gpt2_debug_state.bin"), "rb").read(),
-        "gpt2_tokenizer.bin": header(20240328, 2, 2, 1) + b"\x01a\x02bc",
-        "tiny_shakespeare_train.bin": tokens(3000),
-        "tiny_shakespeare_val.bin": tokens(500),
+        "gpt2_124M.bin": open(MODEL, "rb").read(),
+        "gpt2_124M_debug_state.bin": open(STATE, "rb").read(),
+        "gpt2_tokenizer.bin": header(TOKENIZER_MAGIC, 2, 2, 1) + b"\x01a\x02bc",
+        "tiny_shakespeare_train.bin": token_bytes(np.arange(3000) % 777),
+        "tiny_shakespeare_val.bin": token_bytes(np.arange(500) % 777),
     }
 
 

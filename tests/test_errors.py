@@ -4,8 +4,6 @@ no traceback, and no output written. Each malformed file is built here."""
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,21 +12,9 @@ from hypothesis import strategies as st
 
 import test_gpt2
 import train_gpt2 as tg
+from helpers import CHECKPOINT_MAGIC, LOSSES, MODEL, STATE, STATE_MAGIC, TOKENS_MAGIC, header, run, write_tokens
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-MODEL = os.path.join(FIXTURES, "tiny_gpt2.bin")  # V = 777, maxT = 64
-STATE = os.path.join(FIXTURES, "tiny_gpt2_debug_state.bin")
-LOSSES = os.path.join(FIXTURES, "tiny_gpt2_expected_losses.json")
-
-
-def header(*values):
-    return struct.pack("<256i", *values, *([0] * (256 - len(values))))
-
-
-def tokens_file(path, tokens):
-    path.write_bytes(header(20240520, 1, len(tokens)) + np.array(tokens, dtype="<u2").tobytes())
-    return str(path)
+# MODEL is the tiny fixture: V = 777, maxT = 64
 
 
 def checkpoint_with(path, **fields):
@@ -39,10 +25,6 @@ def checkpoint_with(path, **fields):
         struct.pack_into("<i", data, 4 * names.index(name), value)
     path.write_bytes(bytes(data))
     return str(path)
-
-
-def run(script, *args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd)
 
 
 def assert_one_error_line(result, *fragments, status=2):
@@ -57,7 +39,8 @@ def assert_one_error_line(result, *fragments, status=2):
 @pytest.fixture
 def data(tmp_path):
     rng = np.random.default_rng(0)
-    return tokens_file(tmp_path / "train.bin", rng.integers(0, 777, 2000)), tokens_file(tmp_path / "val.bin", rng.integers(0, 777, 500))
+    return (write_tokens(tmp_path / "train.bin", rng.integers(0, 777, 2000)),
+            write_tokens(tmp_path / "val.bin", rng.integers(0, 777, 500)))
 
 
 def train(tmp_path, data, *args, checkpoint=MODEL):
@@ -101,11 +84,11 @@ def test_bad_checkpoint_file(tmp_path, data, make, fragment):
 
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: p.write_bytes(open(MODEL, "rb").read()), "not an llm.c token file"),  # a checkpoint is not tokens
-    (lambda p: p.write_bytes(header(20240520, 2, 10) + b"\0" * 20), "unsupported token file version 2"),
-    (lambda p: p.write_bytes(header(20240520, 1, 10) + b"\0" * 18), "header says 10 tokens"),
-    (lambda p: p.write_bytes(header(20240520, 1, 10) + b"\0" * 22), "header says 10 tokens"),
-    (lambda p: tokens_file(p, [1, 2, 3]), "fewer than one batch"),
-    (lambda p: tokens_file(p, [5] * 100 + [777]), "up to 777, but the model's vocab size is 777"),
+    (lambda p: p.write_bytes(header(TOKENS_MAGIC, 2, 10) + b"\0" * 20), "unsupported token file version 2"),
+    (lambda p: p.write_bytes(header(TOKENS_MAGIC, 1, 10) + b"\0" * 18), "header says 10 tokens"),
+    (lambda p: p.write_bytes(header(TOKENS_MAGIC, 1, 10) + b"\0" * 22), "header says 10 tokens"),
+    (lambda p: write_tokens(p, [1, 2, 3]), "fewer than one batch"),
+    (lambda p: write_tokens(p, [5] * 100 + [777]), "up to 777, but the model's vocab size is 777"),
     (lambda p: p.write_bytes(np.array([5] * 100 + [900], dtype="<i4").tobytes()), "not an llm.c token file"),
     (lambda p: p.write_bytes(b"hello"), "not an llm.c token file"),
 ])
@@ -147,10 +130,12 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data):
 def test_non_finite_loss_leaves_the_weights_alone(tmp_path, data, monkeypatch):
     model = tg.gpt2_build_from_checkpoint(MODEL)
     model.params["lnfw"][:] = np.inf
+    path = str(tmp_path / "inf.bin")
+    tg.gpt2_write_checkpoint(model, path)
     before = model.params_memory.copy()
-    monkeypatch.setattr(tg, "gpt2_build_from_checkpoint", lambda path: model)
-    args = tg.parse_args(["--train-data", data[0], "--val-data", data[1], "-b", "2", "-t", "8", "--val-every", "0",
-                          "--sample-every", "0"])
+    monkeypatch.setattr(tg, "gpt2_build_from_checkpoint", lambda *args, **kwargs: model)  # this very model, to look at
+    args = tg.parse_args(["--checkpoint", path, "--train-data", data[0], "--val-data", data[1], "-b", "2", "-t", "8",
+                          "--val-every", "0", "--sample-every", "0"])
     with pytest.raises(tg.NonFiniteLossError, match="step 0"):
         tg.main(args)
     np.testing.assert_array_equal(model.params_memory, before)
@@ -165,10 +150,10 @@ def check(tmp_path, *args):
 
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: None, "not found"),
-    (lambda p: p.write_bytes(header(20240326, 2, 4, 16)), "bad magic 20240326, expected 20240327"),
-    (lambda p: p.write_bytes(header(20240327, 1, 4, 16)), "unsupported debug state version 1"),
+    (lambda p: p.write_bytes(header(CHECKPOINT_MAGIC, 2, 4, 16)), "bad magic 20240326, expected 20240327"),
+    (lambda p: p.write_bytes(header(STATE_MAGIC, 1, 4, 16)), "unsupported debug state version 1"),
     (lambda p: p.write_bytes(open(STATE, "rb").read()[:-4]), "is it the debug state of this checkpoint"),
-    (lambda p: p.write_bytes(header(20240327, 2, 4, 17) + open(STATE, "rb").read()[1024:]), "B=4, T=17"),
+    (lambda p: p.write_bytes(header(STATE_MAGIC, 2, 4, 17) + open(STATE, "rb").read()[1024:]), "B=4, T=17"),
 ])
 def test_bad_debug_state(tmp_path, make, fragment):
     path = tmp_path / "state.bin"
@@ -203,7 +188,7 @@ def test_bad_expected_losses(tmp_path, content):
        version=st.sampled_from([1, 3, 0, 2, -1]), extra=st.integers(0, 3000))
 def test_any_checkpoint_header(tmp_path, fields, version, extra):
     path = tmp_path / "fuzz.bin"
-    path.write_bytes(header(20240326, version, *fields) + b"\0" * 4 * extra)
+    path.write_bytes(header(CHECKPOINT_MAGIC, version, *fields) + b"\0" * 4 * extra)
     try:
         model = tg.gpt2_build_from_checkpoint(str(path))
     except tg.InputError as e:
@@ -216,7 +201,7 @@ def test_any_checkpoint_header(tmp_path, fields, version, extra):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(first=st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(-3, 300) | st.just(20240520), min_size=0, max_size=4),
+@given(first=st.lists(st.integers(-2**31, 2**31 - 1) | st.integers(-3, 300) | st.just(TOKENS_MAGIC), min_size=0, max_size=4),
        body=st.binary(max_size=400))
 def test_any_token_file(tmp_path, first, body):
     path = tmp_path / "fuzz.bin"
@@ -234,7 +219,7 @@ def test_any_token_file(tmp_path, first, body):
        cut=st.integers(0, 1000))
 def test_any_debug_state_header(tmp_path, fields, cut):
     path = tmp_path / "fuzz.bin"
-    path.write_bytes(header(20240327, 2, *fields) + open(STATE, "rb").read()[1024 + cut:])
+    path.write_bytes(header(STATE_MAGIC, 2, *fields) + open(STATE, "rb").read()[1024 + cut:])
     config = tg.gpt2_build_from_checkpoint(MODEL).config
     try:
         x, y, logits, loss, grads = test_gpt2.read_debug_state(str(path), config)

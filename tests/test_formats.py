@@ -1,25 +1,16 @@
 """llm.c's file formats: each one built by hand here, read by our loaders, and written back byte for byte."""
 
 import json
-import os
-import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import test_gpt2
 import train_gpt2 as tg
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+from helpers import (CHECKPOINT_MAGIC, LOSSES, MODEL, STATE, STATE_MAGIC, TOKENIZER_MAGIC, TOKENS_MAGIC, header, run,
+                     write_tokens)
 
 SMALL = tg.GPT2Config(max_seq_len=8, vocab_size=50, padded_vocab_size=128, num_layers=2, num_heads=2, channels=4)
-
-
-def header(*values):
-    return struct.pack("<256i", *values, *([0] * (256 - len(values))))
 
 
 def handmade_checkpoint(path, config=SMALL, version=3):
@@ -27,7 +18,7 @@ def handmade_checkpoint(path, config=SMALL, version=3):
     c = config
     Vp = c.padded_vocab_size if version == 3 else c.vocab_size
     shapes = tg.parameter_shapes(tg.GPT2Config(c.max_seq_len, c.vocab_size, Vp, c.num_layers, c.num_heads, c.channels))
-    fields = [20240326, version, c.max_seq_len, c.vocab_size, c.num_layers, c.num_heads, c.channels]
+    fields = [CHECKPOINT_MAGIC, version, c.max_seq_len, c.vocab_size, c.num_layers, c.num_heads, c.channels]
     if version == 3:
         fields.append(Vp)
     body = b"".join(np.full(shape, i + 1, dtype="<f4").tobytes() for i, shape in enumerate(shapes.values()))
@@ -47,7 +38,7 @@ def test_checkpoint_read_and_write_back(tmp_path):
     out = tmp_path / "written.bin"
     tg.gpt2_write_checkpoint(model, str(out))
     assert out.read_bytes() == path.read_bytes()
-    assert [p.name for p in tmp_path.iterdir()] != [] and not any(".tmp" in p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "written.bin"]  # no temporary file left
 
 
 def test_checkpoint_version_1_is_unpadded(tmp_path):
@@ -67,11 +58,6 @@ def test_random_init_is_gpt2s():
     assert abs(p["attprojw"].std() - 0.02 / np.sqrt(12)) < 1e-3 and abs(p["fcprojw"].std() - 0.02 / np.sqrt(12)) < 1e-3
     assert np.all(p["ln1w"] == 1) and np.all(p["ln1b"] == 0) and np.all(p["qkvb"] == 0) and np.all(p["lnfw"] == 1)
     assert model.params_memory.dtype == np.float32
-
-
-def write_tokens(path, tokens):
-    with open(path, "wb") as f:
-        f.write(header(20240520, 1, len(tokens)) + np.array(tokens, dtype="<u2").tobytes())
 
 
 def test_tokens_both_formats(tmp_path):
@@ -99,9 +85,9 @@ def test_tokenizer_file(tmp_path):
     table = [b"!", b"hello", b" w\xc3", b"\xa9"]
     body = b"".join(bytes([len(t)]) + t for t in table)
     path = tmp_path / "gpt2_tokenizer.bin"
-    path.write_bytes(header(20240328, 2, len(table), 3) + body)
+    path.write_bytes(header(TOKENIZER_MAGIC, 2, len(table), 3) + body)
     assert tg.tokenizer_load(str(path)) == table
-    path.write_bytes(header(20240328, 2, len(table) + 1, 3) + body)  # one token announced too many
+    path.write_bytes(header(TOKENIZER_MAGIC, 2, len(table) + 1, 3) + body)  # one token announced too many
     with pytest.raises(tg.InputError, match="truncated"):
         tg.tokenizer_load(str(path))
 
@@ -120,24 +106,20 @@ def test_sample_mult_is_the_inverse_cdf():
 
 
 def test_debug_state_fixture_reads():
-    model = tg.gpt2_build_from_checkpoint(os.path.join(FIXTURES, "tiny_gpt2.bin"))
-    x, y, logits, loss, grads = test_gpt2.read_debug_state(os.path.join(FIXTURES, "tiny_gpt2_debug_state.bin"), model.config)
+    model = tg.gpt2_build_from_checkpoint(MODEL)
+    x, y, logits, loss, grads = test_gpt2.read_debug_state(STATE, model.config)
     B, T = x.shape
     assert logits.shape == (B, T, model.config.vocab_size) and np.isfinite(loss)
     assert set(grads) == set(model.params) and np.all(grads["wte"][model.config.vocab_size:] == 0)
-    with open(os.path.join(FIXTURES, "tiny_gpt2_expected_losses.json")) as f:
+    with open(LOSSES) as f:
         assert json.load(f)["losses"][0] == pytest.approx(loss, abs=1e-6)
-
-
-def run(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("make, expected", [
     (lambda p: None, "not found"),
     (lambda p: p.write_bytes(b""), "too short"),
     (lambda p: p.write_bytes(header(1234, 3)), "bad magic"),
-    (lambda p: p.write_bytes(header(20240326, 5)), "unsupported checkpoint version 5"),
+    (lambda p: p.write_bytes(header(CHECKPOINT_MAGIC, 5)), "unsupported checkpoint version 5"),
     (lambda p: (handmade_checkpoint(p), p.write_bytes(p.read_bytes()[:-4])), "implies"),
 ])
 def test_bad_checkpoint_is_one_clear_line(tmp_path, make, expected):
@@ -157,14 +139,14 @@ def test_missing_checkpoint_names_both_routes(tmp_path):
 
 def test_bad_token_file_is_one_clear_line(tmp_path):
     handmade_checkpoint(tmp_path / "model.bin")
-    (tmp_path / "bad.bin").write_bytes(header(20240520, 1, 1000) + b"\0\0" * 10)  # far fewer tokens than claimed
+    (tmp_path / "bad.bin").write_bytes(header(TOKENS_MAGIC, 1, 1000) + b"\0\0" * 10)  # far fewer tokens than claimed
     result = run("train_gpt2.py", "--checkpoint", str(tmp_path / "model.bin"), "-t", "4", "--sample-every", "0", "--train-data", str(tmp_path / "bad.bin"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "bad.bin" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_bad_debug_state_is_one_clear_line(tmp_path):
-    (tmp_path / "state.bin").write_bytes(header(20240327, 2, 4, 16) + b"\0" * 100)
-    result = run("test_gpt2.py", "--checkpoint", os.path.join(FIXTURES, "tiny_gpt2.bin"), "--state", str(tmp_path / "state.bin"))
+    (tmp_path / "state.bin").write_bytes(header(STATE_MAGIC, 2, 4, 16) + b"\0" * 100)
+    result = run("test_gpt2.py", "--checkpoint", MODEL, "--state", str(tmp_path / "state.bin"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "state.bin" in result.stderr
     assert "Traceback" not in result.stderr

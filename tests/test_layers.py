@@ -169,6 +169,7 @@ def test_whole_model_gradient():
     model = tiny_model(np.float64)
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (2, 5))
+    x[1, 3] = x[1, 0] = x[0, 2]  # a token used three times: its row of wte gets the sum of three gradients
     tg.gpt2_forward(model, x, y)
     tg.gpt2_backward(model)
     analytic = model.grads_memory.copy()
@@ -178,7 +179,11 @@ def test_whole_model_gradient():
         param = model.params[name].reshape(-1)
         idx = rng.choice(param.size, size=min(20, param.size), replace=False)
         if name == "wte":
-            idx = np.concatenate([idx, x.ravel(), y.ravel()])  # the rows that matter most
+            # and every element of the rows that matter most: the input tokens' (the encoder's gradient
+            # adds to the classifier's there) and the targets'
+            C = model.config.channels
+            rows = np.unique(np.concatenate([x.ravel(), y.ravel()]))
+            idx = np.concatenate([idx, (rows[:, None] * C + np.arange(C)).ravel()])
         numeric = numerical_grad(loss, param, indices=idx)
         np.testing.assert_allclose(grad.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-9, err_msg=f"d{name}")
     # the padded rows of wte get no gradient

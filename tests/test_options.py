@@ -1,19 +1,17 @@
 """Sampling (KV cache, temperature, top-k, prompt) and the training options (grad accumulation,
 clipping, LR schedule, weight decay choice, the loss log)."""
 
-import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import train_gpt2 as tg
+from helpers import MODEL, write_tokens
+from helpers import run as run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, "tests", "fixtures", "tiny_gpt2.bin")  # V = 777, maxT = 64
+# MODEL is the tiny fixture: V = 777, maxT = 64
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +29,17 @@ def test_kv_cache_gives_the_same_tokens(model, prompt, temperature, top_k):
 
 
 def test_kv_cache_logits_match_the_full_forward(model):
-    tokens = [776, 3, 100, 7, 512, 42]
+    # every position of the model's whole context, one token at a time through the cache
+    tokens = [776, 3, 100, 7, 512, 42] + list(np.random.default_rng(0).integers(0, 777, 58))
     tg.gpt2_forward(model, np.array([tokens]))
-    full = model.acts["logits"][0]  # (T,Vp)
+    full = model.acts["logits"][0].astype(np.float64)  # (T,Vp)
     c = model.config
     kv_cache = np.zeros((c.num_layers, 2, c.num_heads, len(tokens), c.channels // c.num_heads), np.float32)
     for pos, token in enumerate(tokens):
-        np.testing.assert_allclose(tg.gpt2_forward_cached(model, token, pos, kv_cache), full[pos], atol=2e-5)
+        cached = tg.gpt2_forward_cached(model, token, pos, kv_cache)
+        # the same sums in another order: measured up to 8e-7 of the logits' norm across OpenBLAS's kernels
+        # (4e-7 in absolute terms), while a 0.1% error in the cached attention's scale gives 1e-4 to 1e-3
+        assert np.linalg.norm(cached - full[pos]) <= 5e-6 * np.linalg.norm(full[pos]), pos
 
 
 def test_llmc_sampler_is_unchanged(model):
@@ -143,20 +145,15 @@ def test_decay_2d_only():
 
 
 def run(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--checkpoint", MODEL, *args],
-                          capture_output=True, text=True, cwd=cwd)
+    return run_script("train_gpt2.py", "--checkpoint", MODEL, *args, cwd=cwd)
 
 
 @pytest.fixture
 def data(tmp_path):
     rng = np.random.default_rng(0)
-    paths = []
-    for name, n in (("train.bin", 5000), ("val.bin", 1000)):
-        header = np.zeros(256, dtype="<i4")
-        header[:3] = [20240520, 1, n]
-        (tmp_path / name).write_bytes(header.tobytes() + rng.integers(0, 777, n).astype("<u2").tobytes())
-        paths.append(str(tmp_path / name))
-    return ["--train-data", paths[0], "--val-data", paths[1], "-b", "2", "-t", "16", "--gen-tokens", "8"]
+    train = write_tokens(tmp_path / "train.bin", rng.integers(0, 777, 5000))
+    val = write_tokens(tmp_path / "val.bin", rng.integers(0, 777, 1000))
+    return ["--train-data", train, "--val-data", val, "-b", "2", "-t", "16", "--gen-tokens", "8"]
 
 
 def test_log_file_parses(tmp_path, data):
@@ -200,7 +197,7 @@ def test_prompt_is_continued(tmp_path, data):
                                             (["--top-k", "800"], "--top-k 800 exceeds the vocab size 777"),
                                             (["--grad-accum", "0"], "--grad-accum must be positive"),
                                             (["--lr-min-frac", "2"], "--lr-min-frac must be between 0 and 1"),
-                                            (["--gen-tokens", "64"], "exceed the model's max_seq_len 64")])
+                                            (["--gen-tokens", "65"], "exceed the model's max_seq_len 64")])
 def test_bad_sampling_and_training_options(tmp_path, data, args, fragment):
     result = run(*data, *args, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
+from helpers import MODEL, ROOT, write_tokens
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, "tests", "fixtures", "tiny_gpt2.bin")  # V = 777
+# MODEL is the tiny fixture: V = 777
 
 
 @pytest.fixture
@@ -20,17 +20,12 @@ def data(tmp_path):
     # tokens with some structure to learn: a noisy repeating pattern
     rng = np.random.default_rng(0)
     tokens = (np.arange(6000) * 7 % 777 + rng.integers(0, 3, 6000)) % 777
-    paths = []
-    for name, part in (("train.bin", tokens[:5000]), ("val.bin", tokens[5000:])):
-        header = np.zeros(256, dtype="<i4")
-        header[:3] = [20240520, 1, len(part)]
-        (tmp_path / name).write_bytes(header.tobytes() + part.astype("<u2").tobytes())
-        paths.append(str(tmp_path / name))
-    return paths
+    return write_tokens(tmp_path / "train.bin", tokens[:5000]), write_tokens(tmp_path / "val.bin", tokens[5000:])
 
 
 def train_args(data, *args):
-    return [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--checkpoint", MODEL, "--train-data", data[0],
+    # unbuffered (-u): a pipe would otherwise get the output in blocks, long after it was printed
+    return [sys.executable, "-u", os.path.join(ROOT, "train_gpt2.py"), "--checkpoint", MODEL, "--train-data", data[0],
             "--val-data", data[1], "-b", "4", "-t", "16", "--lr", "1e-3", "--val-every", "3",
             "--sample-every", "4", "--gen-tokens", "6", *args]
 
@@ -71,21 +66,34 @@ def test_resume_prints_the_same_losses(tmp_path, data):
 
 
 def test_resume_after_a_kill(tmp_path, data):
-    full = subprocess.run(train_args(data, "--steps", "8", "--sample-every", "0"), capture_output=True, text=True, cwd=tmp_path)
-    # kill -9 the same run once it has saved after 5 steps (it saves after every step)
-    proc = subprocess.Popen(train_args(data, "--steps", "8", "--sample-every", "0", "--output-dir", str(tmp_path / "run"),
+    steps = 20
+    full = subprocess.run(train_args(data, "--steps", str(steps), "--sample-every", "0"), capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    assert sorted(run_steps(full.stdout)) == list(range(steps))
+    # kill -9 the same run once it has saved after 5 steps (it saves after every step). Its output reaches
+    # us as it is printed (python -u), whatever the environment says, so the kill comes in the middle
+    proc = subprocess.Popen(train_args(data, "--steps", str(steps), "--sample-every", "0", "--output-dir", str(tmp_path / "run"),
                                        "--save-every", "1"), stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    printed = []
     for line in proc.stdout:
+        printed.append(line)
         if line.startswith("saved model_5.bin"):
             proc.send_signal(signal.SIGKILL)
             break
-    proc.wait()
-    resumed = subprocess.run(train_args(data, "--steps", "8", "--sample-every", "0", "--resume", str(tmp_path / "run")),
+    proc.stdout.close()
+    assert proc.wait() == -signal.SIGKILL, "".join(printed)  # killed in the middle, not finished
+    assert not any(line.startswith(f"saved model_{steps}.bin") for line in printed)
+    resumed = subprocess.run(train_args(data, "--steps", str(steps), "--sample-every", "0", "--resume", str(tmp_path / "run")),
                              capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    steps_done = int(re.search(r"after (\d+) steps", resumed.stdout).group(1))
-    assert steps_done >= 5
-    assert [run_steps(resumed.stdout)[s] for s in range(steps_done, 8)] == [run_steps(full.stdout)[s] for s in range(steps_done, 8)]
+    # it resumed from the last checkpoint before the kill (the run may have saved one or two more by then)
+    steps_done = int(re.search(r"^resuming from .* after (\d+) steps$", resumed.stdout, re.M).group(1))
+    assert 5 <= steps_done < steps
+    assert sorted(run_steps(resumed.stdout)) == list(range(steps_done, steps))  # only the steps that were left
+    # and from there on it prints what the uninterrupted run printed: train and val losses to the last digit
+    full_lines, resumed_lines = transcript(full.stdout), transcript(resumed.stdout)
+    assert resumed_lines == full_lines[len(full_lines) - len(resumed_lines):]
 
 
 def test_crash_between_write_and_rename(tmp_path, monkeypatch):
