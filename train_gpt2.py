@@ -10,13 +10,14 @@ the main loop at the bottom fine-tunes GPT-2 on Tiny Shakespeare and samples fro
     python train_gpt2.py --init d6        # or: trains a small GPT-2 from scratch, nothing downloaded
 
     python train_gpt2.py --device cuda --init d12 -b 8 -t 1024   # the same layers on an NVIDIA GPU (CuPy)
+    mpiexec -n 2 python train_gpt2.py -b 2   # 2 processes, each with half of every batch (distributed.py)
 
-What is deliberately left out, as in llm.c's reference: autograd, module classes, mixed
-precision, multiple processes. What is added beyond llm.c's CPU loop comes after its core, each
-part in its own section: sampling with a KV cache, the training options of llm.c's GPU trainer
-(gradient accumulation, clipping, a learning-rate schedule, a loss log), checkpoints with exact
-resume, running on a GPU, and argument parsing. The defaults are llm.c's. Everything is float32,
-like the checkpoint; the files are llm.c's formats, byte for byte.
+What is deliberately left out, as in llm.c's reference: autograd, module classes, mixed precision.
+What is added beyond llm.c's CPU loop comes after its core, each part in its own section: sampling
+with a KV cache, the training options of llm.c's GPU trainer (gradient accumulation, clipping, a
+learning-rate schedule, a loss log), checkpoints with exact resume, running on a GPU, and argument
+parsing; main calls distributed.py at its edges to train on several processes. The defaults are
+llm.c's. Everything is float32, like the checkpoint; the files are llm.c's formats, byte for byte.
 """
 
 import argparse
@@ -32,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+import distributed  # beside this file: several processes under mpiexec (it imports MPI only then)
 
 # The array module the layers compute with: NumPy, or CuPy on an NVIDIA GPU. It is chosen once, by
 # use_device (in the section "running on a GPU" near the end), before any array is made; every layer
@@ -621,13 +624,16 @@ def read_tokens(path, vocab_size):
 
 class DataLoader:
     """llm.c's data loader without shuffling: consecutive batches of B*T+1 tokens (inputs, and the
-    same tokens shifted by one as targets), wrapping around to the start at the end of the file."""
+    same tokens shifted by one as targets), wrapping around to the start at the end of the file.
+    With several processes (distributed.py) a batch has num_processes * B rows, and the process of
+    this rank takes its B rows, as llm.c's loader: the B*T+1 tokens at offset rank * B*T."""
 
-    def __init__(self, tokens, B, T, path="tokens"):
-        if len(tokens) < B * T + 1:
-            raise InputError(f"{path}: has {len(tokens)} tokens, fewer than one batch needs (B*T+1 = {B * T + 1})")
-        self.tokens, self.B, self.T = tokens, B, T
-        self.num_batches = (len(tokens) - 1) // (B * T)  # the +1 target token may overlap the next batch
+    def __init__(self, tokens, B, T, path="tokens", rank=0, num_processes=1):
+        rows = num_processes * B  # of a batch, over all processes
+        if len(tokens) < rows * T + 1:
+            raise InputError(f"{path}: has {len(tokens)} tokens, fewer than one batch needs (B*T+1 = {rows * T + 1})")
+        self.tokens, self.B, self.T, self.rank, self.num_processes = tokens, B, T, rank, num_processes
+        self.num_batches = (len(tokens) - 1) // (rows * T)  # the +1 target token may overlap the next batch
         self.current_batch = 0
 
     def reset(self):
@@ -637,7 +643,7 @@ class DataLoader:
         if self.current_batch >= self.num_batches:
             self.reset()  # start a new epoch
         B, T = self.B, self.T
-        start = self.current_batch * B * T
+        start = (self.current_batch * self.num_processes + self.rank) * B * T  # this process's rows
         buf = np.asarray(self.tokens[start:start + B * T + 1], dtype=np.int32)  # (B*T+1,)
         self.current_batch += 1
         return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)  # inputs, targets: (B,T) each
@@ -868,10 +874,13 @@ RUN_STATE_HEADER = 128  # uint64 values: 1024 bytes, like llm.c's headers
 
 def write_run_state(path, model, steps_done, train_loader, rng_state):
     # header: magic, version, steps done, number of parameters, B, T, the train loader's next batch,
-    # the sampler's RNG state; then AdamW's m and v (num_parameters float32 each)
+    # the sampler's RNG state, the number of processes (0 in older files: 1); then AdamW's m and v
+    # (num_parameters float32 each). B counts the rows of all processes: N processes with -b B/N
+    # read the data as one process with -b B does, so either can resume the other's run.
     header = np.zeros(RUN_STATE_HEADER, dtype="<u8")
-    header[:8] = [RUN_STATE_MAGIC, RUN_STATE_VERSION, steps_done, model.params_memory.size,
-                  train_loader.B, train_loader.T, train_loader.current_batch, rng_state[0]]
+    header[:9] = [RUN_STATE_MAGIC, RUN_STATE_VERSION, steps_done, model.params_memory.size,
+                  train_loader.num_processes * train_loader.B, train_loader.T, train_loader.current_batch,
+                  rng_state[0], train_loader.num_processes]
     zeros = np.zeros(model.params_memory.size, dtype=np.float32)  # no update yet: the moments are still zero
     with atomic_write(path) as f:
         f.write(header.tobytes())
@@ -1185,6 +1194,9 @@ def check_run_fits(config, args, steps_done):
 
 
 def main(args):
+    # under mpiexec, this process's place among several (one otherwise): it takes its own GPU or its
+    # share of the cores before any array is made, and only rank 0 prints (see distributed.py)
+    procs = distributed.init(args.device)
     keep_freed_memory()
     use_device(args.device, tf32=bool(args.tf32))
     print(f"device: {describe_device()}")
@@ -1193,6 +1205,9 @@ def main(args):
         args.init = None
         args.output_dir = args.output_dir or args.resume
     check_options(args)
+    if (args.download or args.download_data) and procs.size > 1:
+        raise InputError("--download needs one process: fetch the files first (python download_starter_pack.py, "
+                         "--data for the token files), then start mpiexec")
     if args.download or args.download_data:
         from download_starter_pack import DownloadError, download_starter_pack  # standard library only
         try:
@@ -1219,10 +1234,11 @@ def main(args):
         raise InputError(f"the prompt ({len(prompt)} tokens with <|endoftext|>) and --gen-tokens {args.gen_tokens} "
                          f"exceed the model's max_seq_len {c.max_seq_len}")
     if args.steps > steps_done:  # --steps 0 only evaluates and samples: no training data needed
-        train_loader = DataLoader(read_tokens(args.train_data, c.vocab_size), B, T, args.train_data)
+        train_loader = DataLoader(read_tokens(args.train_data, c.vocab_size), B, T, args.train_data,
+                                  procs.rank, procs.size)
         print(f"train dataset num_batches: {train_loader.num_batches}")
     if args.val_every:
-        val_loader = DataLoader(read_tokens(args.val_data, c.vocab_size), B, T, args.val_data)
+        val_loader = DataLoader(read_tokens(args.val_data, c.vocab_size), B, T, args.val_data, procs.rank, procs.size)
         print(f"val dataset num_batches: {val_loader.num_batches}")
 
     model = gpt2_build_from_random(args.init, args.seed) if args.init else gpt2_build_from_checkpoint(checkpoint)
@@ -1230,16 +1246,19 @@ def main(args):
     if args.resume:
         state_steps, state_B, state_T, next_batch, rng_state[0] = read_run_state(
             os.path.join(args.resume, f"state_{steps_done}.bin"), model)
-        if (state_B, state_T) != (B, T):
-            raise InputError(f"--resume {args.resume}: the run used -b {state_B} -t {state_T}; resume it with the same")
+        if (state_B, state_T) != (B * procs.size, T):  # B: the rows of all processes, so N may change with it
+            raise InputError(f"--resume {args.resume}: the run used -b {state_B} -t {state_T} (-b times the number of "
+                             f"processes; here {B} x {procs.size}): resume it with the same")
         if args.steps > steps_done:
             train_loader.current_batch = next_batch
         print(f"resuming from {args.resume} after {steps_done} steps")
     decode = make_decoder(checkpoint)
     if args.log:
         os.makedirs(os.path.dirname(args.log) or ".", exist_ok=True)
-    log = open(args.log, "a" if args.resume else "w") if args.log else None  # llm.c's logger appends on resume
+    # llm.c's logger appends on resume; with several processes, rank 0 alone writes
+    log = open(args.log, "a" if args.resume else "w") if args.log and procs.is_main else None
     decayed = MATRICES if args.decay_2d_only else None  # None: every tensor, as llm.c's CPU code
+    procs.start_together()  # every process is ready, or all stop here with one error line
 
     step, saved = steps_done, steps_done if args.resume else None
     t_start = time.perf_counter()
@@ -1250,18 +1269,21 @@ def main(args):
                 last_step = step == args.steps
                 # once in a while estimate the validation loss
                 if args.val_every > 0 and (step % args.val_every == 0 or last_step):
-                    val_loss = evaluate(model, val_loader, args.val_batches)
+                    val_loss = procs.mean(evaluate(model, val_loader, args.val_batches))  # over all processes
                     print(f"val loss {val_loss:f}")
                     if log:
                         print(f"s:{step} tel:{val_loss:.4f}", file=log, flush=True)
-                # once in a while print a sample from the model
-                if args.sample_every > 0 and ((step > 0 and step % args.sample_every == 0) or last_step):
+                # once in a while print a sample from the model (rank 0 alone: the others go on to the next step)
+                if args.sample_every > 0 and procs.is_main and ((step > 0 and step % args.sample_every == 0) or last_step):
                     print_sample(model, args, prompt, rng_state, decode)
                 if last_step:
                     break
                 # do a training step
                 t0 = time.perf_counter()
                 loss = accumulate_gradients(model, train_loader, args.grad_accum)  # forward and backward
+                # several processes: each had its own rows of the batch; average their gradients, in place
+                procs.allreduce_mean(model.grads_memory)
+                loss = procs.mean(loss)
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(f"step {step}: train loss is {loss}; stopped before the update touched "
                                              f"the weights (a lower --lr may help)")
@@ -1276,12 +1298,13 @@ def main(args):
                 eta = elapsed / done * (args.steps - step - 1)
                 extra = f", norm {norm:.4f}" if norm is not None else ""
                 print(f"step {step}: train loss {loss:f} (took {(t1 - t0) * 1000:f} ms) "
-                      f"{args.grad_accum * B * T / (t1 - t0):.0f} tokens/s{extra}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+                      f"{procs.size * args.grad_accum * B * T / (t1 - t0):.0f} tokens/s{extra}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
                 if log:
                     print(f"s:{step} trl:{loss:.4f} lr:{lr:.6f}" + (f" norm:{norm:.2f}" if norm is not None else ""),
                           file=log, flush=True)
                 if args.output_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
-                    save_checkpoint(args.output_dir, model, step + 1, train_loader, rng_state)
+                    if procs.is_main:  # one writer: the other processes hold the same weights
+                        save_checkpoint(args.output_dir, model, step + 1, train_loader, rng_state)
                     saved = step + 1
     except KeyboardInterrupt:
         if saved is not None:
@@ -1295,24 +1318,23 @@ def main(args):
     finally:
         if log:
             log.close()
-    if args.output:
+    procs.check_same_weights(model.params_memory)  # several processes: rank 0 prints each one's checksum
+    if args.output and procs.is_main:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         gpt2_write_checkpoint(model, args.output)
         print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
+    # each error: one line "error: ...", then this exit status (with several processes, every one
+    # exits, and the line is printed once: distributed.exit)
     try:
         main(parse_args())
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        distributed.exit(2, e)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        distributed.exit(1, e)
     except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(130)  # the shell's status for a program stopped by Ctrl-C
+        distributed.exit(130, e)  # the shell's status for a program stopped by Ctrl-C
     except KeyboardInterrupt:
-        print("error: interrupted before training started; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        distributed.exit(130, "interrupted before training started; nothing was written")
