@@ -57,9 +57,10 @@ _ONE = np.array(1.0, dtype=np.float32)
 _ZERO = np.array(0.0, dtype=np.float32)
 
 
-def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False):
+def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False, tf32=None):
     # out[i] = op(a[i]) @ op(b[i]) for each i of the first (batch) axis, where op(x) is x.T if asked.
-    # All three are C-contiguous float32 (batch, rows, cols) arrays; out is (batch, M, N).
+    # All three are C-contiguous float32 (batch, rows, cols) arrays; out is (batch, M, N). TF32 as
+    # set_tf32 chose, unless tf32 says otherwise.
     batch, M, N = out.shape
     K = a.shape[1] if transpose_a else a.shape[2]
     assert a.shape[0] == b.shape[0] == batch and (b.shape[2] if transpose_b else b.shape[1]) == K
@@ -67,7 +68,7 @@ def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False):
     cublas = cupy.cuda.cublas  # (CuPy loads cuBLAS on first use)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if _tf32 else cublas.CUBLAS_COMPUTE_32F
+    compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if (_tf32 if tf32 is None else tf32) else cublas.CUBLAS_COMPUTE_32F
     # cuBLAS is column-major: it reads a row-major (r, c) matrix as its (c, r) transpose. So we ask it
     # for out^T = op(b)^T @ op(a)^T, which it writes column-major: exactly out, row-major. The
     # leading dimension of each row-major matrix is its row length, whether it is transposed or not.
@@ -82,6 +83,35 @@ def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False):
         _ZERO.ctypes.data,
         out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, N, M * N,
         batch, compute, cublas.CUBLAS_GEMM_DEFAULT)
+
+
+# ----------------------------------------------------------------------------
+# Matmul backward
+# plain layer: dinp = dout @ weight; dweight = dout^T @ inp; dbias = dout.sum(axis=(0, 1)). The two
+# products are CuPy's (cuBLAS, TF32 as chosen). The bias gradient is the one change: CuPy sums a
+# (B*T, OC) array over its first axis by walking down its columns, which reads memory with a large
+# stride; as the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several
+# times faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
+
+_ones = {}  # a vector of ones for each length asked for, made once
+
+
+def matmul_backward(dout, cache, dweight, dbias):
+    # replaces train_gpt2.matmul_backward: returns dinp (B,T,C), *overwrites* dweight (OC,C) and dbias (OC,)
+    inp, weight = cache
+    B, T, C = inp.shape
+    OC = weight.shape[0]
+    dout2d = cupy.ascontiguousarray(dout).reshape(B * T, OC)  # (B*T,OC)
+    dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
+    cupy.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
+    if dbias is not None:
+        if B * T not in _ones:
+            _ones[B * T] = cupy.ones((1, 1, B * T), dtype=cupy.float32)
+        target = dbias if dbias.flags.c_contiguous else cupy.empty(OC, dtype=cupy.float32)
+        _batched_matmul(_ones[B * T], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False)
+        if target is not dbias:
+            dbias[...] = target
+    return dinp.reshape(B, T, C)
 
 
 # ----------------------------------------------------------------------------
@@ -431,6 +461,74 @@ def attention_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------
+# Attention over a KV cache, for sampling one token at a time
+# plain layer (train_gpt2.attention_forward_cached): store this position's key and value in the
+# cache, then att = softmax(keys @ q / sqrt(hs)) over positions 0..pos and out = att @ values, for
+# each head. As a dozen CuPy calls per layer, each a kernel of a few microseconds, sampling is bound
+# by Python and launches; here it is one kernel: one block per head.
+
+_ATTENTION_CACHED_SRC = _CUDA_COMMON + _CUDA_BLOCK_REDUCE + r"""
+// qkv (3C,) holds this position's query, key and value; kv_cache (2, NH, maxlen, hs) the keys and
+// values of positions 0..pos-1, to which this position's are added; out (C,) is the heads' outputs
+extern "C" __global__ void attention_cached_kernel(
+        float* out, float* kv_cache, const float* qkv, int NH, int hs, int maxlen, int pos, float scale) {
+    extern __shared__ float att[];  // (pos + 1,) this head's attention scores, then their exp
+    int h = blockIdx.x, C = NH * hs;
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    const float* q = qkv + h * hs;
+    float* keys = kv_cache + (long long)h * maxlen * hs;  // kv_cache[0, h]: (maxlen, hs)
+    float* values = kv_cache + ((long long)NH + h) * maxlen * hs;  // kv_cache[1, h]
+    // kv_cache[0, h, pos], kv_cache[1, h, pos] = k, v
+    for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+        keys[(long long)pos * hs + d] = qkv[C + h * hs + d];
+        values[(long long)pos * hs + d] = qkv[2 * C + h * hs + d];
+    }
+    __syncthreads();
+    // att = keys @ q * scale: a warp per position t2, its lanes across the head's channels
+    for (int t2 = warp; t2 <= pos; t2 += warps) {
+        float s = 0.0f;
+        for (int d = lane; d < hs; d += WARP_SIZE) s += keys[(long long)t2 * hs + d] * q[d];
+        s = warp_sum(s);
+        if (lane == 0) att[t2] = s * scale;
+    }
+    __syncthreads();
+    // softmax over t2 = 0..pos (every position so far: no mask); the max only for stability
+    float maxval = NEG_FLT_MAX;
+    for (int t2 = threadIdx.x; t2 <= pos; t2 += blockDim.x) maxval = fmaxf(maxval, att[t2]);
+    maxval = block_max(maxval);
+    float sum = 0.0f;
+    for (int t2 = threadIdx.x; t2 <= pos; t2 += blockDim.x) {
+        att[t2] = expf(att[t2] - maxval);
+        sum += att[t2];
+    }
+    sum = block_sum(sum);  // (its barriers also make every att[t2] above visible to all threads)
+    // out = att @ values / sum: a thread per channel, reading the values row by row
+    for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int t2 = 0; t2 <= pos; t2++) acc += att[t2] * values[(long long)t2 * hs + d];
+        out[h * hs + d] = acc / sum;
+    }
+}
+"""
+_attention_cached_kernel = cupy.RawKernel(_ATTENTION_CACHED_SRC, "attention_cached_kernel")
+
+
+def attention_forward_cached(qkv, kv_cache, pos, NH):
+    # replaces train_gpt2.attention_forward_cached: qkv (1,1,3C) of position pos, kv_cache
+    # (2,NH,maxlen,hs) filled for positions 0..pos-1 (and now pos); returns out (1,1,C)
+    C = qkv.shape[-1] // 3
+    hs = C // NH
+    maxlen = kv_cache.shape[2]
+    assert kv_cache.flags.c_contiguous and kv_cache.dtype == cupy.float32 and 0 <= pos < maxlen
+    qkv = cupy.ascontiguousarray(qkv)
+    out = cupy.empty((1, 1, C), dtype=cupy.float32)
+    _attention_cached_kernel((NH,), (128,), (out, kv_cache, qkv, np.int32(NH), np.int32(hs), np.int32(maxlen),
+                                            np.int32(pos), np.float32(1.0 / math.sqrt(hs))),
+                             shared_mem=(pos + 1) * 4)
+    return out
+
+
+# ----------------------------------------------------------------------------
 # GeLU: elementwise, so CuPy writes the loop around the formula
 
 _GELU_PREAMBLE = "#define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2 / pi), rounded to float32\n"
@@ -473,11 +571,12 @@ def gelu_backward(dout, cache):
 # One block per row (b,t): 50,257 entries are too many for one warp.
 
 _SOFTMAX_SRC = _CUDA_COMMON + _CUDA_BLOCK_REDUCE + r"""
-// probs (rows, V) = softmax of logits (rows, Vp)[:, :V]
-extern "C" __global__ void softmax_forward_kernel(float* probs, const float* logits, int rows, int V, int Vp) {
+// probs (rows, V) = softmax of logits (rows, Vp)[:, :V]; probs' rows are probs_stride floats apart
+extern "C" __global__ void softmax_forward_kernel(
+        float* probs, const float* logits, int rows, int V, int Vp, int probs_stride) {
     if (blockIdx.x >= rows) return;
     const float* x = logits + (long long)blockIdx.x * Vp;
-    float* p = probs + (long long)blockIdx.x * V;
+    float* p = probs + (long long)blockIdx.x * probs_stride;
     // each thread's max and sum of exp(x - max) in one pass (as attention_softmax_kernel), then the block's
     float maxval = NEG_FLT_MAX, sumval = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
@@ -494,13 +593,16 @@ extern "C" __global__ void softmax_forward_kernel(float* probs, const float* log
     for (int i = threadIdx.x; i < V; i += blockDim.x) p[i] = expf(x[i] - row_max) / row_sum;
 }
 
-// dlogits (rows, Vp): d loss / d logit i = (probs[i] - 1[i == target]) * dloss, 0 for i >= V
+// dlogits (rows, Vp): d loss / d logit i = (probs[i] - 1[i == target]) * dloss, 0 for i >= V.
+// probs' rows are probs_stride floats apart; dlogits may be probs itself (each thread reads its
+// entries before it writes them)
 extern "C" __global__ void crossentropy_softmax_backward_kernel(
-        float* dlogits, const float* dlosses, const float* probs, const int* targets, int rows, int V, int Vp) {
+        float* dlogits, const float* dlosses, const float* probs, const int* targets, int rows, int V, int Vp,
+        int probs_stride) {
     if (blockIdx.x >= rows) return;
     float dloss = dlosses[blockIdx.x];
     int target = targets[blockIdx.x];
-    const float* p = probs + (long long)blockIdx.x * V;
+    const float* p = probs + (long long)blockIdx.x * probs_stride;
     float* d = dlogits + (long long)blockIdx.x * Vp;
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         float g = 0.0f;  // the padded columns never entered the softmax
@@ -519,26 +621,37 @@ SOFTMAX_THREADS = 512  # per row: about 100 of GPT-2's 50,257 logits each
 
 
 def softmax_forward(logits, V):
-    # replaces train_gpt2.softmax_forward: logits (B,T,Vp) -> probs (B,T,V), a new array
+    # replaces train_gpt2.softmax_forward: logits (B,T,Vp) -> probs (B,T,V). Memory: probs is a view
+    # of the first V columns of a new (B,T,Vp) buffer, so that crossentropy_softmax_backward can write
+    # dlogits (B,T,Vp) over it, in place: the backward pass then needs no other array of that size
+    # (1.6 GB for GPT-2 at B=8, T=1024).
     B, T, Vp = logits.shape
     logits = cupy.ascontiguousarray(logits)
-    probs = cupy.empty((B, T, V), dtype=cupy.float32)
+    buffer = cupy.empty((B, T, Vp), dtype=cupy.float32)
     _softmax_forward_kernel((B * T,), (SOFTMAX_THREADS,),
-                            (probs, logits, np.int32(B * T), np.int32(V), np.int32(Vp)))
-    return probs
+                            (buffer, logits, np.int32(B * T), np.int32(V), np.int32(Vp), np.int32(Vp)))
+    return buffer[..., :V]
 
 
 def crossentropy_softmax_backward(dlosses, probs, targets, Vp):
     # replaces train_gpt2.crossentropy_softmax_backward: dlosses (B,T), probs (B,T,V), targets (B,T)
     # token ids -> dlogits (B,T,Vp), zero in the padded columns
+    # token ids -> dlogits (B,T,Vp), zero in the padded columns. When probs is softmax_forward's view
+    # of a (B,T,Vp) buffer, dlogits is written over that buffer: probs is used up (nothing reads it
+    # after the backward pass; the plain layer leaves it alone)
     B, T, V = probs.shape
     dlosses = cupy.ascontiguousarray(cupy.asarray(dlosses), dtype=cupy.float32)
-    probs = cupy.ascontiguousarray(probs)
     targets = cupy.ascontiguousarray(cupy.asarray(targets), dtype=cupy.int32)  # token ids fit in int32
-    dlogits = cupy.empty((B, T, Vp), dtype=cupy.float32)
+    base = probs.base
+    if isinstance(base, cupy.ndarray) and base.shape == (B, T, Vp) and base.flags.c_contiguous and probs.data.ptr == base.data.ptr \
+            and probs.strides == base.strides:
+        dlogits, probs, stride = base, base, Vp  # in place: read probs from the buffer's first V columns
+    else:
+        probs, stride = cupy.ascontiguousarray(probs), V
+        dlogits = cupy.empty((B, T, Vp), dtype=cupy.float32)
     _crossentropy_softmax_backward_kernel((B * T,), (SOFTMAX_THREADS,),
                                           (dlogits, dlosses, probs, targets,
-                                           np.int32(B * T), np.int32(V), np.int32(Vp)))
+                                           np.int32(B * T), np.int32(V), np.int32(Vp), np.int32(stride)))
     return dlogits
 
 
@@ -595,6 +708,8 @@ def _cuda_version(v):
 
 # the plain layers of train_gpt2.py that these replace, by name (train_gpt2.use_device installs them)
 FUSED_LAYERS = {
+    "matmul_backward": matmul_backward,
+    "attention_forward_cached": attention_forward_cached,
     "layernorm_forward": layernorm_forward,
     "layernorm_backward": layernorm_backward,
     "attention_forward": attention_forward,

@@ -425,24 +425,28 @@ def gpt2_forward(model, inputs, targets=None):
 
 
 def gpt2_backward(model):
-    # go through the forward pass in reverse, calling each layer's backward
+    # go through the forward pass in reverse, calling each layer's backward. Each cache is let go
+    # of as soon as its backward is done (as PyTorch frees its graph), so the activations shrink
+    # while the gradients' temporaries come and go; only the logits stay readable in model.acts.
     acts = model.acts
-    if acts is None or acts["targets"] is None:
+    if acts is None or acts.get("targets") is None:
         raise RuntimeError("gpt2_backward needs a forward pass with targets first")
+    model.acts = dict(logits=acts["logits"])
     if model.grads_memory is None:
         model.grads_memory = xp.zeros_like(model.params_memory)
         model.grads = point_parameters(model.grads_memory, model.config)
     g, L = model.grads, model.config.num_layers
-    probs, targets = acts["probs"], acts["targets"]
+    targets = acts["targets"]
     B, T = targets.shape
     # the chain rule starts at the mean loss over all B*T positions: d mean / d losses[b,t] = 1/(B*T)
-    dlosses = xp.full((B, T), 1.0 / (B * T), dtype=probs.dtype)  # (B,T)
-    dlogits = crossentropy_softmax_backward(dlosses, probs, targets, model.config.padded_vocab_size)  # (B,T,Vp)
-    dlnf = matmul_backward(dlogits, acts["logits_cache"], g["wte"], None)  # (B,T,C); writes the classifier's dwte
+    dlosses = xp.full((B, T), 1.0 / (B * T), dtype=xp.float32)  # (B,T)
+    dlogits = crossentropy_softmax_backward(dlosses, acts.pop("probs"), targets, model.config.padded_vocab_size)  # (B,T,Vp)
+    dlnf = matmul_backward(dlogits, acts.pop("logits_cache"), g["wte"], None)  # (B,T,C); writes the classifier's dwte
+    del dlogits  # the largest array of the backward pass: let go of it at once
     dresidual = layernorm_backward(dlnf, acts["lnf"], g["lnfw"], g["lnfb"])  # (B,T,C)
     for l in reversed(range(L)):
         (ln1_cache, qkv_cache, att_cache, attproj_cache,
-         ln2_cache, fc_cache, gelu_cache, fcproj_cache) = acts["layers"][l]
+         ln2_cache, fc_cache, gelu_cache, fcproj_cache) = acts["layers"].pop()  # layer l's, the last left
         # residual3 = residual2 + fcproj
         dresidual2, dfcproj = residual_backward(dresidual, None)
         dfch_gelu = matmul_backward(dfcproj, fcproj_cache, g["fcprojw"][l], g["fcprojb"][l])  # (B,T,4C)
@@ -936,8 +940,9 @@ def latest_checkpoint(run_dir):
 
 # the layers as written above, kept by name so that use_device can put them back
 PLAIN_LAYERS = {name: globals()[name] for name in (
-    "layernorm_forward", "layernorm_backward", "attention_forward", "attention_backward", "gelu_forward",
-    "gelu_backward", "softmax_forward", "crossentropy_softmax_backward", "adamw")}
+    "layernorm_forward", "layernorm_backward", "matmul_backward", "attention_forward", "attention_backward",
+    "gelu_forward", "gelu_backward", "softmax_forward", "crossentropy_softmax_backward", "attention_forward_cached",
+    "adamw")}
 CUPY_INSTALL = "pip install cupy-cuda12x (for a CUDA 12 driver) or cupy-cuda13x (CUDA 13); nvidia-smi shows the driver's"
 
 
@@ -966,7 +971,8 @@ def use_device(device, tf32=True, fused=True):
     import cuda_layers  # beside this file
     cuda_layers.set_tf32(tf32)
     xp = cupy
-    globals().update(cuda_layers.FUSED_LAYERS if fused else PLAIN_LAYERS)
+    # (the plain layers' AdamW for a GPU is adamw_plain: adamw_threaded is NumPy's, for CPU cores)
+    globals().update(cuda_layers.FUSED_LAYERS if fused else dict(PLAIN_LAYERS, adamw=adamw_plain))
 
 
 def describe_device():

@@ -69,10 +69,11 @@ def test_arrays_live_on_the_gpu_and_stay_float32(cuda):
     model = tg.gpt2_build_from_checkpoint(MODEL)
     tokens = np.arange(2 * 17, dtype=np.int32).reshape(2, 17) % 777
     tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:])
+    probs = model.acts["probs"]
     tg.gpt2_backward(model)
     tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
     for array in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory,
-                  model.acts["logits"], model.acts["probs"]):
+                  model.acts["logits"], probs):
         assert isinstance(array, cupy.ndarray) and array.dtype == np.float32
     assert "cuda:" in tg.describe_device()
 

@@ -105,7 +105,7 @@ def test_gelu_on_a_view(rng):
 # LayerNorm
 
 # beyond SHAPES: many rows (several blocks of the backward), odd C, GPT-2 XL's C = 1600, C = 1
-LAYERNORM_SHAPES = [(B, T, C) for B, T, C, _ in SHAPES] + [(4, 300, 37), (2, 7, 1600), (1, 3, 1)]
+LAYERNORM_SHAPES = [(B, T, C) for B, T, C, _ in SHAPES] + [(4, 300, 37), (2, 7, 1600), (1, 3, 3)]
 
 
 @pytest.mark.parametrize("B, T, C", LAYERNORM_SHAPES, ids=[f"B{B}-T{T}-C{C}" for B, T, C in LAYERNORM_SHAPES])
@@ -276,3 +276,64 @@ def test_set_tf32_sets_cupys_matmul_too():
 def test_device_description():
     line = cl.device_description()
     assert "\n" not in line and "compute capability" in line and f"CuPy {cupy.__version__}" in line
+
+
+# ----------------------------------------------------------------------------
+# Matmul backward (only the bias gradient is computed differently)
+
+
+@pytest.mark.parametrize("B, T, C, OC, bias", [(2, 37, 48, 144, True), (1, 1, 24, 7, True), (3, 65, 45, 180, False)])
+def test_matmul_backward(rng, B, T, C, OC, bias):
+    cl.set_tf32(False)
+    inp, weight, dout = randn(rng, B, T, C), randn(rng, OC, C), randn(rng, B, T, OC)
+    b = randn(rng, OC) if bias else None
+    _, cache = tg.matmul_forward(inp, weight, b)
+    dweight, dbias = np.empty((OC, C), np.float32), np.empty(OC, np.float32) if bias else None
+    dinp = plain("matmul_backward")(dout, cache, dweight, dbias)
+    grads = cupy.full((2, OC * C + OC), np.nan, dtype=cupy.float32)  # slices of one buffer, as grads_memory
+    dweight_gpu = grads[0, :OC * C].reshape(OC, C)
+    dbias_gpu = grads[1, :OC] if bias else None
+    dinp_gpu = cl.matmul_backward(cupy.asarray(dout), (cupy.asarray(inp), cupy.asarray(weight)), dweight_gpu, dbias_gpu)
+    assert_close(dinp_gpu, dinp)
+    assert_close(dweight_gpu, dweight)
+    if bias:
+        assert_close(dbias_gpu, dbias)
+        assert bool(cupy.isnan(grads[1, OC:]).all())  # nothing written beyond dbias
+
+
+# ----------------------------------------------------------------------------
+# Attention over a KV cache
+
+
+@pytest.mark.parametrize("C, NH, maxlen", [(48, 4, 9), (45, 5, 40), (768, 12, 1024)])
+def test_attention_forward_cached(rng, C, NH, maxlen):
+    hs = C // NH
+    cache = np.zeros((2, NH, maxlen, hs), np.float32)
+    cache_gpu = cupy.zeros((2, NH, maxlen, hs), dtype=cupy.float32)
+    for pos in list(range(min(maxlen, 6))) + [maxlen - 1]:
+        qkv = randn(rng, 1, 1, 3 * C)
+        if pos == maxlen - 1 and maxlen > 6:  # fill the positions skipped, as the plain layer would have
+            cache[:, :, 6:pos] = randn(rng, 2, NH, pos - 6, hs)
+            cache_gpu[:, :, 6:pos] = cupy.asarray(cache[:, :, 6:pos])
+        out = plain("attention_forward_cached")(qkv, cache, pos, NH)
+        out_gpu = cl.attention_forward_cached(cupy.asarray(qkv), cache_gpu, pos, NH)
+        assert_close(out_gpu, out)
+        assert_close(cache_gpu, cache)  # this position's key and value were stored
+
+
+# ----------------------------------------------------------------------------
+# softmax's buffer reused for dlogits
+
+
+def test_crossentropy_backward_in_place_over_softmax(rng):
+    B, T, V, Vp = 2, 5, 333, 384
+    logits = randn(rng, B, T, Vp, scale=3.0)
+    dlosses, targets = randn(rng, B, T), rng.integers(0, V, size=(B, T))
+    probs = plain("softmax_forward")(logits, V)
+    expected = plain("crossentropy_softmax_backward")(dlosses, probs, targets, Vp)
+    probs_gpu = cl.softmax_forward(cupy.asarray(logits), V)
+    assert_close(probs_gpu, probs)
+    dlogits = cl.crossentropy_softmax_backward(cupy.asarray(dlosses), probs_gpu, cupy.asarray(targets), Vp)
+    assert dlogits.data.ptr == probs_gpu.data.ptr  # written over softmax's buffer: no new (B,T,Vp) array
+    assert_close(dlogits, expected)
+    assert (dlogits[..., V:] == 0).all()

@@ -196,8 +196,6 @@ def test_everything_stays_float32():
     rng = np.random.default_rng(2)
     x, y = rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (2, 5))
     tg.gpt2_forward(model, x, y)
-    tg.gpt2_backward(model)
-    tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
     assert model.acts["logits"].dtype == np.float32
     assert model.acts["probs"].dtype == np.float32
     for layer in model.acts["layers"]:
@@ -205,6 +203,8 @@ def test_everything_stays_float32():
             for item in cache:
                 if isinstance(item, np.ndarray) and item.dtype.kind == "f":
                     assert item.dtype == np.float32
+    tg.gpt2_backward(model)
+    tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
     for memory in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory):
         assert memory.dtype == np.float32
 
@@ -248,3 +248,15 @@ def test_gpt2_update_matches_adamw_plain(monkeypatch, weight_decay):
         np.testing.assert_allclose(model.params_memory, param, rtol=1e-13, atol=1e-16)
         np.testing.assert_allclose(model.m_memory, m, rtol=1e-13)
         np.testing.assert_allclose(model.v_memory, v, rtol=1e-13)
+
+
+def test_backward_lets_go_of_the_activations():
+    # each layer's cache is released once its backward is done: only the logits stay readable
+    model = tiny_model(np.float32)
+    rng = np.random.default_rng(5)
+    tg.gpt2_forward(model, rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (2, 5)))
+    logits = model.acts["logits"]
+    tg.gpt2_backward(model)
+    assert list(model.acts) == ["logits"] and model.acts["logits"] is logits
+    with pytest.raises(RuntimeError, match="needs a forward pass with targets"):
+        tg.gpt2_backward(model)
