@@ -86,35 +86,6 @@ def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False, tf32=None):
 
 
 # ----------------------------------------------------------------------------
-# Matmul backward
-# plain layer: dinp = dout @ weight; dweight = dout^T @ inp; dbias = dout.sum(axis=(0, 1)). The two
-# products are CuPy's (cuBLAS, TF32 as chosen). The bias gradient is the one change: CuPy sums a
-# (B*T, OC) array over its first axis by walking down its columns, which reads memory with a large
-# stride; as the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several
-# times faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
-
-_ones = {}  # a vector of ones for each length asked for, made once
-
-
-def matmul_backward(dout, cache, dweight, dbias):
-    # replaces train_gpt2.matmul_backward: returns dinp (B,T,C), *overwrites* dweight (OC,C) and dbias (OC,)
-    inp, weight = cache
-    B, T, C = inp.shape
-    OC = weight.shape[0]
-    dout2d = cupy.ascontiguousarray(dout).reshape(B * T, OC)  # (B*T,OC)
-    dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
-    cupy.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
-    if dbias is not None:
-        if B * T not in _ones:
-            _ones[B * T] = cupy.ones((1, 1, B * T), dtype=cupy.float32)
-        target = dbias if dbias.flags.c_contiguous else cupy.empty(OC, dtype=cupy.float32)
-        _batched_matmul(_ones[B * T], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False)
-        if target is not dbias:
-            dbias[...] = target
-    return dinp.reshape(B, T, C)
-
-
-# ----------------------------------------------------------------------------
 # CUDA helpers for the RawKernels below: sums and maxima across a warp (32 threads that exchange
 # registers with shuffles) and across a block (the warps' results meet in shared memory)
 
@@ -163,6 +134,79 @@ WARP_SIZE = 32
 
 def _ceil_div(a, b):
     return -(-a // b)
+
+
+# ----------------------------------------------------------------------------
+# Matmul forward, for one row
+# plain layer: out = inp @ weight^T + bias. For a batch of rows CuPy's `@` (cuBLAS) is the fast
+# form, and it stays. Sampling with the KV cache sends one row at a time, and then the time goes to
+# launching two kernels (the product and the bias) from Python, 49 times per token for GPT-2: one
+# kernel of our own does both, a warp per output channel reading its weight row.
+
+_MATVEC_SRC = _CUDA_COMMON + r"""
+// out[o] = sum over c of weight[o, c] * inp[c] + bias[o] (+ 0 without a bias); one warp per o
+extern "C" __global__ void matvec_forward_kernel(
+        float* out, const float* inp, const float* weight, const float* bias, int C, int OC, int has_bias) {
+    int o = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (o >= OC) return;
+    const float* w = weight + (long long)o * C;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) sum += w[c] * inp[c];
+    sum = warp_sum(sum);
+    if (lane == 0) out[o] = has_bias ? sum + bias[o] : sum;
+}
+"""
+_matvec_forward_kernel = cupy.RawKernel(_MATVEC_SRC, "matvec_forward_kernel")
+MATVEC_WARPS = 8  # output channels per block
+
+
+def matmul_forward(inp, weight, bias):
+    # replaces train_gpt2.matmul_forward: inp (B,T,C), weight (OC,C), bias (OC,) or None -> out
+    # (B,T,OC) and the cache (inp, weight). One row: one kernel; more: the plain layer's `@`.
+    B, T, C = inp.shape
+    OC = weight.shape[0]
+    if B * T != 1:
+        out = inp.reshape(B * T, C) @ weight.T  # (B*T,C) @ (C,OC) -> (B*T,OC)
+        if bias is not None:
+            out += bias
+        return out.reshape(B, T, OC), (inp, weight)
+    x = cupy.ascontiguousarray(inp)
+    w = cupy.ascontiguousarray(weight)
+    b = cupy.ascontiguousarray(bias) if bias is not None else None
+    out = cupy.empty((1, 1, OC), dtype=cupy.float32)
+    _matvec_forward_kernel((_ceil_div(OC, MATVEC_WARPS),), (MATVEC_WARPS * WARP_SIZE,),
+                           (out, x, w, b if b is not None else w, np.int32(C), np.int32(OC), np.int32(b is not None)))
+    return out, (inp, weight)
+
+
+# ----------------------------------------------------------------------------
+# Matmul backward
+# plain layer: dinp = dout @ weight; dweight = dout^T @ inp; dbias = dout.sum(axis=(0, 1)). The two
+# products are CuPy's (cuBLAS, TF32 as chosen). The bias gradient is the one change: CuPy sums a
+# (B*T, OC) array over its first axis by walking down its columns, which reads memory with a large
+# stride; as the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several
+# times faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
+
+_ones = {}  # a vector of ones for each length asked for, made once
+
+
+def matmul_backward(dout, cache, dweight, dbias):
+    # replaces train_gpt2.matmul_backward: returns dinp (B,T,C), *overwrites* dweight (OC,C) and dbias (OC,)
+    inp, weight = cache
+    B, T, C = inp.shape
+    OC = weight.shape[0]
+    dout2d = cupy.ascontiguousarray(dout).reshape(B * T, OC)  # (B*T,OC)
+    dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
+    cupy.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
+    if dbias is not None:
+        if B * T not in _ones:
+            _ones[B * T] = cupy.ones((1, 1, B * T), dtype=cupy.float32)
+        target = dbias if dbias.flags.c_contiguous else cupy.empty(OC, dtype=cupy.float32)
+        _batched_matmul(_ones[B * T], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False)
+        if target is not dbias:
+            dbias[...] = target
+    return dinp.reshape(B, T, C)
 
 
 # ----------------------------------------------------------------------------
@@ -708,6 +752,7 @@ def _cuda_version(v):
 
 # the plain layers of train_gpt2.py that these replace, by name (train_gpt2.use_device installs them)
 FUSED_LAYERS = {
+    "matmul_forward": matmul_forward,
     "matmul_backward": matmul_backward,
     "attention_forward_cached": attention_forward_cached,
     "layernorm_forward": layernorm_forward,

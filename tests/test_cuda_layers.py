@@ -336,3 +336,14 @@ def test_crossentropy_backward_in_place_over_softmax(rng):
     assert dlogits.data.ptr == probs_gpu.data.ptr  # written over softmax's buffer: no new (B,T,Vp) array
     assert_close(dlogits, expected)
     assert (dlogits[..., V:] == 0).all()
+
+
+@pytest.mark.parametrize("C, OC, bias", [(48, 144, True), (45, 7, True), (768, 2304, True), (64, 896, False)])
+def test_matmul_forward_one_row(rng, C, OC, bias):
+    # sampling's single row goes through the fused kernel; more rows through CuPy's `@`
+    inp, weight = randn(rng, 1, 1, C), randn(rng, OC, C)
+    b = randn(rng, OC) if bias else None
+    out, _ = plain("matmul_forward")(inp, weight, b)
+    out_gpu, cache = cl.matmul_forward(cupy.asarray(inp), cupy.asarray(weight), cupy.asarray(b) if bias else None)
+    assert_close(out_gpu, out)
+    assert len(cache) == 2
