@@ -49,3 +49,13 @@ def run(script, *args, cwd=ROOT, env=None):
     # one of the repository's scripts in a fresh interpreter, its output captured as text
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           cwd=cwd, env=env)
+
+
+def assert_one_error_line(result, *fragments, status=2):
+    # bad input's promise: exit status 2 (or status), one line "error: ..." naming what was wrong, no traceback
+    assert result.returncode == status, result.stdout[-2000:] + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.stderr

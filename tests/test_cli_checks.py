@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
-from helpers import MODEL, ROOT, run, write_tokens
+from helpers import MODEL, ROOT, assert_one_error_line, run, write_tokens
 
 # MODEL is the tiny fixture: V = 777, maxT = 64
-
-
-def assert_one_error_line(result, *fragments, status=2):
-    assert result.returncode == status, result.stdout[-2000:] + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture
@@ -101,21 +93,26 @@ def test_memory_estimate_is_close_for_the_default_run():
 
 # Ctrl-C
 
-def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoints(tmp_path, data):
-    out = tmp_path / "run"
+def ctrl_c_after(line_start, data, tmp_path, *args):
+    # a long run, interrupted with SIGINT (what Ctrl-C sends) once it has printed a line starting so
     cmd = [sys.executable, "-u", os.path.join(ROOT, "train_gpt2.py"), "--checkpoint", MODEL, *data, "-b", "2",
-           "-t", "8", "--steps", "100000", "--val-every", "0", "--sample-every", "0", "--output-dir", str(out),
-           "--save-every", "2"]
+           "-t", "8", "--steps", "100000", "--val-every", "0", "--sample-every", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        for line in proc.stdout:  # wait for the first checkpoint, then press Ctrl-C
-            if line.startswith("saved model_4.bin"):
+        for line in proc.stdout:
+            if line.startswith(line_start):
                 break
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stderr
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoints(tmp_path, data):
+    out = tmp_path / "run"
+    status, stderr = ctrl_c_after("saved model_4.bin", data, tmp_path, "--output-dir", str(out), "--save-every", "2")
+    assert status == 130, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: interrupted at step "), stderr
     assert f"--resume {out}" in lines[0]
@@ -130,18 +127,8 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoints(tmp_path, data):
 
 
 def test_ctrl_c_without_checkpoints_says_so(tmp_path, data):
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "train_gpt2.py"), "--checkpoint", MODEL, *data, "-b", "2",
-           "-t", "8", "--steps", "100000", "--val-every", "0", "--sample-every", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 3:"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130
+    status, stderr = ctrl_c_after("step 3:", data, tmp_path)
+    assert status == 130
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "no checkpoints were being written" in lines[0], stderr
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import test_gpt2
 import train_gpt2 as tg
-from helpers import CHECKPOINT_MAGIC, LOSSES, MODEL, STATE, STATE_MAGIC, TOKENS_MAGIC, header, run, write_tokens
+from helpers import (CHECKPOINT_MAGIC, LOSSES, MODEL, STATE, STATE_MAGIC, TOKENS_MAGIC, assert_one_error_line, header,
+                     run, write_tokens)
 
 # MODEL is the tiny fixture: V = 777, maxT = 64
 
@@ -25,15 +26,6 @@ def checkpoint_with(path, **fields):
         struct.pack_into("<i", data, 4 * names.index(name), value)
     path.write_bytes(bytes(data))
     return str(path)
-
-
-def assert_one_error_line(result, *fragments, status=2):
-    assert result.returncode == status, result.stdout[-2000:] + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
