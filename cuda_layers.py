@@ -57,31 +57,42 @@ _ONE = np.array(1.0, dtype=np.float32)
 _ZERO = np.array(0.0, dtype=np.float32)
 
 
+def _matrix(x):
+    # how cuBLAS finds a (batch, rows, cols) float32 array whose rows are contiguous, a C-contiguous
+    # array or a block of one (att[:, s:e, :e]): its pointer, the distance from one row to the next
+    # (the leading dimension) and from one matrix of the batch to the next, in floats
+    batch, rows, cols = x.shape
+    assert x.dtype == cupy.float32 and (x.strides[2] == 4 or cols == 1) and x.strides[1] % 4 == 0
+    ld = x.strides[1] // 4 if rows > 1 else cols
+    assert ld >= cols
+    return x.data.ptr, ld, x.strides[0] // 4 if batch > 1 else rows * ld
+
+
 def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False, tf32=None):
     # out[i] = op(a[i]) @ op(b[i]) for each i of the first (batch) axis, where op(x) is x.T if asked.
-    # All three are C-contiguous float32 (batch, rows, cols) arrays; out is (batch, M, N). TF32 as
-    # set_tf32 chose, unless tf32 says otherwise.
+    # All three are float32 (batch, rows, cols) arrays with contiguous rows (see _matrix); out is
+    # (batch, M, N). TF32 as set_tf32 chose, unless tf32 says otherwise.
     batch, M, N = out.shape
     K = a.shape[1] if transpose_a else a.shape[2]
     assert a.shape[0] == b.shape[0] == batch and (b.shape[2] if transpose_b else b.shape[1]) == K
-    assert all(x.dtype == cupy.float32 and x.flags.c_contiguous for x in (a, b, out))
+    (a_ptr, lda, a_stride), (b_ptr, ldb, b_stride), (out_ptr, ldo, out_stride) = (_matrix(x) for x in (a, b, out))
     cublas = cupy.cuda.cublas  # (CuPy loads cuBLAS on first use)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if (_tf32 if tf32 is None else tf32) else cublas.CUBLAS_COMPUTE_32F
     # cuBLAS is column-major: it reads a row-major (r, c) matrix as its (c, r) transpose. So we ask it
     # for out^T = op(b)^T @ op(a)^T, which it writes column-major: exactly out, row-major. The
-    # leading dimension of each row-major matrix is its row length, whether it is transposed or not.
+    # leading dimension of each row-major matrix is its row stride, whether it is transposed or not.
     cublas.gemmStridedBatchedEx(
         handle,
         cublas.CUBLAS_OP_T if transpose_b else cublas.CUBLAS_OP_N,  # op of the first operand, b
         cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N,  # op of the second operand, a
         N, M, K,  # m, n, k of the column-major product out^T (N, M) = (N, K) @ (K, M)
         _ONE.ctypes.data,
-        b.data.ptr, cupy.cuda.runtime.CUDA_R_32F, b.shape[2], b.shape[1] * b.shape[2],
-        a.data.ptr, cupy.cuda.runtime.CUDA_R_32F, a.shape[2], a.shape[1] * a.shape[2],
+        b_ptr, cupy.cuda.runtime.CUDA_R_32F, ldb, b_stride,
+        a_ptr, cupy.cuda.runtime.CUDA_R_32F, lda, a_stride,
         _ZERO.ctypes.data,
-        out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, N, M * N,
+        out_ptr, cupy.cuda.runtime.CUDA_R_32F, ldo, out_stride,
         batch, compute, cublas.CUBLAS_GEMM_DEFAULT)
 
 
@@ -390,11 +401,13 @@ _ATTENTION_SRC = _CUDA_COMMON + r"""
 // att = softmax(scale * preatt) over t2 <= t, 0 beyond (the causal mask); in place: att holds
 // preatt = q @ k^T on entry. Also writes lse = log(sum over t2 <= t of exp(scale * preatt)), all
 // the backward pass needs to rebuild att. One warp per row; row = (b * NH + h) * T + t.
-extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int rows, int T, float scale) {
+extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int rows, int T, float scale, int block) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;  // the query's position: it sees keys t2 = 0..t
+    int end = (t / block + 1) * block;  // its block's last key + 1: the products read att up to here
+    if (end > T) end = T;
     float* a = att + (long long)row * T;
     // the max and the sum of exp(x - max) in one pass: when the max grows, rescale the sum so far
     float maxval = NEG_FLT_MAX, sumval = 0.0f;
@@ -409,38 +422,43 @@ extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int 
     float row_max = warp_max(maxval);
     float row_sum = warp_sum(sumval * expf(maxval - row_max));
     // att = exp(preatt - max) / sum, where t2 <= t
-    for (int t2 = lane; t2 < T; t2 += WARP_SIZE)
+    for (int t2 = lane; t2 < end; t2 += WARP_SIZE)
         a[t2] = t2 <= t ? expf(scale * a[t2] - row_max) / row_sum : 0.0f;
     if (lane == 0) lse[row] = row_max + logf(row_sum);
 }
 
 // the backward pass's att, rebuilt from preatt = q @ k^T (in place) and the forward's lse:
 // att = exp(scale * preatt - lse) = exp(scale * preatt - max) / sum, where t2 <= t. One warp per row.
-extern "C" __global__ void attention_recompute_kernel(float* att, const float* lse, int rows, int T, float scale) {
+extern "C" __global__ void attention_recompute_kernel(
+        float* att, const float* lse, int rows, int T, float scale, int block) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
+    int end = (t / block + 1) * block;
+    if (end > T) end = T;
     float* a = att + (long long)row * T;
     float row_lse = lse[row];
-    for (int t2 = lane; t2 < T; t2 += WARP_SIZE) a[t2] = t2 <= t ? expf(scale * a[t2] - row_lse) : 0.0f;
+    for (int t2 = lane; t2 < end; t2 += WARP_SIZE) a[t2] = t2 <= t ? expf(scale * a[t2] - row_lse) : 0.0f;
 }
 
 // dpreatt = att * (datt - sum over t2 of att * datt), the softmax's backward, times scale (from
 // preatt = scale * q @ k^T, folded in here once instead of into both dq and dk); in place: datt
 // holds datt on entry and scale * dpreatt on exit. Masked entries (att = 0) get 0. One warp per row.
 extern "C" __global__ void attention_softmax_backward_kernel(
-        float* datt, const float* att, int rows, int T, float scale) {
+        float* datt, const float* att, int rows, int T, float scale, int block) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
+    int end = (t / block + 1) * block;
+    if (end > T) end = T;
     float* d = datt + (long long)row * T;
     const float* a = att + (long long)row * T;
     float sum = 0.0f;
     for (int t2 = lane; t2 <= t; t2 += WARP_SIZE) sum += a[t2] * d[t2];
     sum = warp_sum(sum);
-    for (int t2 = lane; t2 < T; t2 += WARP_SIZE)
+    for (int t2 = lane; t2 < end; t2 += WARP_SIZE)
         d[t2] = t2 <= t ? scale * (a[t2] * (d[t2] - sum)) : 0.0f;
 }
 """
@@ -449,6 +467,16 @@ _attention_recompute_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_recomput
 _attention_softmax_backward_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_softmax_backward_kernel")
 
 ATTENTION_WARPS = 8  # rows (warps) per block of the kernels above
+# The causal mask leaves the upper right triangle of every (T,T) matrix empty. The products below go
+# by blocks of ATTENTION_BLOCK query rows, and block [s, e) of rows takes keys 0..e only: for
+# T = 1024, 4 blocks compute and move 10/16 of the full (T,T) matrices. The kernels write each row up
+# to its block's end, zeros after position t; nothing reads beyond.
+ATTENTION_BLOCK = 256
+
+
+def _row_blocks(T):
+    # the blocks [s, e) of query rows, and of keys
+    return [(s, min(s + ATTENTION_BLOCK, T)) for s in range(0, T, ATTENTION_BLOCK)]
 
 
 def attention_forward(inp, NH):
@@ -462,13 +490,16 @@ def attention_forward(inp, NH):
     qkv = cupy.ascontiguousarray(inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)).reshape(3, B * NH, T, hs)
     q, k, v = qkv
     att = cupy.empty((B * NH, T, T), dtype=cupy.float32)
-    _batched_matmul(q, k, att, transpose_b=True)  # preatt = q @ k^T (unscaled): (B*NH,T,hs) @ (B*NH,hs,T)
+    for s, e in _row_blocks(T):  # preatt = q @ k^T (unscaled), rows s..e against keys 0..e
+        _batched_matmul(q[:, s:e], k[:, :e], att[:, s:e, :e], transpose_b=True)
     lse = cupy.empty((B, NH, T), dtype=cupy.float32)
     rows = B * NH * T
     grid, block = (_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,)
-    _attention_softmax_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale)))
+    _attention_softmax_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale),
+                                            np.int32(ATTENTION_BLOCK)))
     out = cupy.empty((B * NH, T, hs), dtype=cupy.float32)
-    _batched_matmul(att, v, out)  # out = att @ v: (B*NH,T,T) @ (B*NH,T,hs)
+    for s, e in _row_blocks(T):  # out = att @ v: (T,T) @ (T,hs), rows s..e
+        _batched_matmul(att[:, s:e, :e], v[:, :e], out[:, s:e])
     # re-assemble all head outputs side by side: (B,NH,T,hs) -> (B,T,NH,hs) -> (B,T,C)
     out = cupy.ascontiguousarray(out.reshape(B, NH, T, hs).transpose(0, 2, 1, 3)).reshape(B, T, C)
     return out, (qkv, lse, NH)
@@ -482,24 +513,31 @@ def attention_backward(dout, cache):
     scale = 1.0 / math.sqrt(hs)
     q, k, v = qkv
     dout = cupy.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)).reshape(BNH, T, hs)
+    blocks = _row_blocks(T)
     # rebuild att: preatt = q @ k^T again, then att = exp(scale * preatt - lse) where t2 <= t
     rows = BNH * T
     grid, block = (_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,)
     att = cupy.empty((BNH, T, T), dtype=cupy.float32)
-    _batched_matmul(q, k, att, transpose_b=True)
-    _attention_recompute_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale)))
+    for s, e in blocks:
+        _batched_matmul(q[:, s:e], k[:, :e], att[:, s:e, :e], transpose_b=True)
+    _attention_recompute_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale),
+                                              np.int32(ATTENTION_BLOCK)))
     dqkv = cupy.empty((3, BNH, T, hs), dtype=cupy.float32)  # dq, dk, dv side by side, as inp holds q, k, v
     dq, dk, dv = dqkv
-    # out = att @ v, so:
-    _batched_matmul(att, dout, dv, transpose_a=True)  # dv = att^T @ dout: (T,T)^T @ (T,hs)
+    # out = att @ v, so dv = att^T @ dout: keys s..e get the gradient of the rows s..T that see them
+    for s, e in blocks:
+        _batched_matmul(att[:, s:, s:e], dout[:, s:], dv[:, s:e], transpose_a=True)
     datt = cupy.empty((BNH, T, T), dtype=cupy.float32)
-    _batched_matmul(dout, v, datt, transpose_b=True)  # datt = dout @ v^T: (T,hs) @ (hs,T)
+    for s, e in blocks:  # datt = dout @ v^T: (T,hs) @ (hs,T), rows s..e against keys 0..e
+        _batched_matmul(dout[:, s:e], v[:, :e], datt[:, s:e, :e], transpose_b=True)
     # att = softmax(preatt): datt becomes scale * dpreatt, in place
-    _attention_softmax_backward_kernel(grid, block, (datt, att, np.int32(rows), np.int32(T), np.float32(scale)))
+    _attention_softmax_backward_kernel(grid, block, (datt, att, np.int32(rows), np.int32(T), np.float32(scale),
+                                                     np.int32(ATTENTION_BLOCK)))
     del att
     # preatt = scale * q @ k^T, so (scale already in datt):
-    _batched_matmul(datt, k, dq)  # dq = dpreatt @ k * scale: (T,T) @ (T,hs)
-    _batched_matmul(datt, q, dk, transpose_a=True)  # dk = dpreatt^T @ q * scale: (T,T)^T @ (T,hs)
+    for s, e in blocks:
+        _batched_matmul(datt[:, s:e, :e], k[:, :e], dq[:, s:e])  # dq = dpreatt @ k: rows s..e, keys 0..e
+        _batched_matmul(datt[:, s:, s:e], q[:, s:], dk[:, s:e], transpose_a=True)  # dk = dpreatt^T @ q: keys s..e
     # (3,B,NH,T,hs) -> (B,T,3,NH,hs) -> (B,T,3C)
     return cupy.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
 

@@ -163,6 +163,16 @@ def test_attention(rng, B, T, C, NH):
     check_attention(rng, B, T, C, NH, RTOL)
 
 
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("B, T, C, NH", [(2, 130, 96, 3), (3, 65, 45, 5), (1, 1, 24, 2), (2, 64, 32, 2)],
+                         ids=["T130", "T65", "T1", "T64"])
+def test_attention_in_blocks(rng, monkeypatch, block, B, T, C, NH):
+    # the products go by blocks of query rows (skipping the masked upper blocks): T a multiple of
+    # the block or not, one block or many, the same attention as the plain layer
+    monkeypatch.setattr(cl, "ATTENTION_BLOCK", block)
+    check_attention(rng, B, T, C, NH, RTOL)
+
+
 def test_attention_tf32(rng):
     cl.set_tf32(True)
     if not cl.tf32_enabled():
