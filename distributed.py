@@ -72,7 +72,10 @@ def init(device="cpu"):
     try:
         from mpi4py import MPI
     except ImportError:
-        started = f"{size} processes" if size else "processes"
+        if size is None:  # a launcher that does not say how many (PMIx alone, as Slurm's srun): perhaps just this one
+            PROCESSES = SingleProcess()
+            return PROCESSES
+        started = f"{size} processes"
         if not rank:  # every process finds this out on its own: rank 0 alone says it
             print(f"error: mpiexec started {started}, but mpi4py is not installed: {MPI_INSTALL}", file=sys.stderr)
         sys.exit(2)

@@ -295,6 +295,16 @@ def test_one_process_imports_no_mpi():
         assert result.stdout.split() == ["SingleProcess", "False"], result.stderr
 
 
+def test_a_launcher_that_does_not_say_how_many_without_mpi4py_is_one_process(tmp_path):
+    # PMIx alone (Slurm's srun --mpi=pmix) gives only the rank: without mpi4py, train as one process
+    (tmp_path / "mpi4py").mkdir()
+    (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed')\n")
+    code = "import distributed; print(type(distributed.init()).__name__)"
+    env = clean_env(PMIX_RANK="0", PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ["SingleProcess"], result.stderr
+
+
 def test_launcher_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith(LAUNCHER_VARS):
