@@ -940,9 +940,9 @@ def latest_checkpoint(run_dir):
 
 # the layers as written above, kept by name so that use_device can put them back
 PLAIN_LAYERS = {name: globals()[name] for name in (
-    "layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
-    "gelu_forward", "gelu_backward", "softmax_forward", "crossentropy_softmax_backward", "attention_forward_cached",
-    "adamw")}
+    "layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward",
+    "attention_backward", "gelu_forward", "gelu_backward", "softmax_forward", "crossentropy_softmax_backward",
+    "attention_forward_cached", "adamw")}
 CUPY_INSTALL = "pip install cupy-cuda12x (for a CUDA 12 driver) or cupy-cuda13x (CUDA 13); nvidia-smi shows the driver's"
 
 
