@@ -398,6 +398,13 @@ def layernorm_backward(dout, cache, dweight, dbias):
 # exist at any time: the current layer's.
 
 _ATTENTION_SRC = _CUDA_COMMON + r"""
+// the products go by blocks of query rows (see ATTENTION_BLOCK): row t of the (T,T) matrices is read
+// up to the end of its block, so the kernels write it that far (zeros after t)
+__device__ __forceinline__ int block_end(int t, int T, int block) {
+    int end = (t / block + 1) * block;
+    return end < T ? end : T;
+}
+
 // att = softmax(scale * preatt) over t2 <= t, 0 beyond (the causal mask); in place: att holds
 // preatt = q @ k^T on entry. Also writes lse = log(sum over t2 <= t of exp(scale * preatt)), all
 // the backward pass needs to rebuild att. One warp per row; row = (b * NH + h) * T + t.
@@ -406,8 +413,7 @@ extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int 
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;  // the query's position: it sees keys t2 = 0..t
-    int end = (t / block + 1) * block;  // its block's last key + 1: the products read att up to here
-    if (end > T) end = T;
+    int end = block_end(t, T, block);
     float* a = att + (long long)row * T;
     // the max and the sum of exp(x - max) in one pass: when the max grows, rescale the sum so far
     float maxval = NEG_FLT_MAX, sumval = 0.0f;
@@ -435,8 +441,7 @@ extern "C" __global__ void attention_recompute_kernel(
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
-    int end = (t / block + 1) * block;
-    if (end > T) end = T;
+    int end = block_end(t, T, block);
     float* a = att + (long long)row * T;
     float row_lse = lse[row];
     for (int t2 = lane; t2 < end; t2 += WARP_SIZE) a[t2] = t2 <= t ? expf(scale * a[t2] - row_lse) : 0.0f;
@@ -451,8 +456,7 @@ extern "C" __global__ void attention_softmax_backward_kernel(
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
-    int end = (t / block + 1) * block;
-    if (end > T) end = T;
+    int end = block_end(t, T, block);
     float* d = datt + (long long)row * T;
     const float* a = att + (long long)row * T;
     float sum = 0.0f;

@@ -132,8 +132,8 @@ class MPIProcesses:
         self.started = False  # start_together has passed: every process is training
         self.nccl = None
         if device == "cuda" and gpu is None:
-            gpu = pick_gpu(self.local_rank)  # the launcher didn't say the local rank: MPI just did
-        self.gpu = gpu
+            pick_gpu(self.local_rank)  # the launcher didn't say the local rank: MPI just did
+        self.host_slice = None  # with GPUs but no NCCL: the page-locked host memory the gradients go through
         self.threads = self.share_cores()
         self.places = self.comm.allgather((os.getpid(), socket.gethostname()))
         # a process that dies of an exception takes the whole job down, saying which rank it was;
@@ -151,33 +151,37 @@ class MPIProcesses:
             self.allreduce_nccl(array)
         else:
             self.allreduce_mpi(array)
-        array *= 1.0 / self.size
 
     def allreduce_mpi(self, array):
-        # the sum over all processes, in place, through host memory, a slice at a time
+        # the mean over all processes, in place, through host memory, a slice at a time: MPI sums each
+        # slice, which is divided by the number of processes while it is still in the cache
         if isinstance(array, np.ndarray):
             for start in range(0, array.size, SLICE):
-                self.comm.Allreduce(self.MPI.IN_PLACE, array[start:start + SLICE], op=self.MPI.SUM)
+                part = array[start:start + SLICE]
+                self.comm.Allreduce(self.MPI.IN_PLACE, part, op=self.MPI.SUM)
+                part *= 1.0 / self.size
             return
         # a GPU array, with no NCCL: each slice to the host (page-locked memory, for fast copies), summed
         # over MPI, and back
         import cupyx
-        if getattr(self, "host_slice", None) is None:
-            self.host_slice = cupyx.empty_pinned((min(SLICE, array.size),), dtype=array.dtype)
+        if self.host_slice is None:
+            self.host_slice = cupyx.empty_pinned((SLICE,), dtype=np.float32)
         for start in range(0, array.size, SLICE):
             part = array[start:start + SLICE]
             host = self.host_slice[:part.size]
             part.get(out=host)  # waits for the copy, and so for the backward pass before it
             self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
+            host *= 1.0 / self.size
             part.set(host)
 
     def allreduce_nccl(self, array):
-        # the sum over all GPUs, in place, queued on the stream that computed the gradients (so it starts
-        # when they are done, with no wait on the host); NCCL moves the data GPU to GPU
+        # the mean over all GPUs (NCCL's AVG: the sum, divided as it goes), in place, queued on the stream
+        # that computed the gradients (so it starts when they are done, with no wait on the host); NCCL
+        # moves the data GPU to GPU
         import cupy
         from cupy.cuda import nccl
         assert array.dtype == np.float32 and array.flags.c_contiguous
-        self.nccl.allReduce(array.data.ptr, array.data.ptr, array.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
+        self.nccl.allReduce(array.data.ptr, array.data.ptr, array.size, nccl.NCCL_FLOAT32, nccl.NCCL_AVG,
                             cupy.cuda.get_current_stream().ptr)
 
     def mean(self, value):

@@ -27,11 +27,11 @@ import urllib.request
 
 import numpy as np
 
-from train_gpt2 import atomic_write  # the trainer's: a file is complete under its name, or not there
+# the trainer's atomic write (a file is complete under its name, or not there) and llm.c's token file
+# format: a header of 256 int32 (magic 20240520, version 1, number of tokens), then uint16 tokens
+from train_gpt2 import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION, atomic_write
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1  # llm.c's GPT-2 token files
-HEADER_INTS = 256                           # the header is always 256 int32
 VAL_TOKENS = 32768                          # the first 32,768 tokens are the validation split
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt2 import atomic_write, padded_vocab  # noqa: E402
+from train_gpt2 import CHECKPOINT_MAGIC, CHECKPOINT_VERSION, HEADER_INTS, atomic_write, padded_vocab  # noqa: E402
 
 # llm.c's 16 tensors in file order, and the Hugging Face key of each (per layer: {l}), transposed?
 LAYOUT = [
@@ -75,19 +75,19 @@ def convert(hf_dir, out_path):
     shapes = {"wte": (V, C), "wpe": (maxT, C), "ln1w": (C,), "ln1b": (C,), "qkvw": (3 * C, C), "qkvb": (3 * C,),
               "attprojw": (C, C), "attprojb": (C,), "ln2w": (C,), "ln2b": (C,), "fcw": (4 * C, C), "fcb": (4 * C,),
               "fcprojw": (C, 4 * C), "fcprojb": (C,), "lnfw": (C,), "lnfb": (C,)}
-    header = np.zeros(256, dtype="<i4")
-    header[:8] = [20240326, 3, maxT, V, L, NH, C, Vp]
-    chunks = [header.tobytes()]
-    for name, key, transpose in LAYOUT:
-        if "{l}" in key:  # per-layer tensors are stacked: (L, ...)
-            chunks += [get(key.format(l=l), transpose, shapes[name]).tobytes() for l in range(L)]
-        elif name == "wte":  # padded with zero rows up to Vp
-            chunks.append(np.concatenate([get(key, False, shapes[name]), np.zeros((Vp - V, C), "<f4")]).tobytes())
-        else:
-            chunks.append(get(key, transpose, shapes[name]).tobytes())
-    with atomic_write(out_path) as f:  # complete, or not there at all
-        for chunk in chunks:
-            f.write(chunk)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, maxT, V, L, NH, C, Vp]
+    with atomic_write(out_path) as f:  # complete, or not there at all (a bad tensor stops it midway)
+        f.write(header.tobytes())
+        for name, key, transpose in LAYOUT:  # written one by one: GPT-2 XL's 6 GB are never in memory twice
+            if "{l}" in key:  # per-layer tensors are stacked: (L, ...)
+                for l in range(L):
+                    f.write(get(key.format(l=l), transpose, shapes[name]).tobytes())
+            elif name == "wte":  # padded with zero rows up to Vp
+                f.write(get(key, False, shapes[name]).tobytes())
+                f.write(np.zeros((Vp - V, C), "<f4").tobytes())
+            else:
+                f.write(get(key, transpose, shapes[name]).tobytes())
     print(f"wrote {out_path}: L={L}, NH={NH}, C={C}, V={V} (padded to {Vp}), maxT={maxT}, "
           f"{os.path.getsize(out_path):,} bytes")
 

@@ -255,8 +255,11 @@ def test_backward_lets_go_of_the_activations():
     model = tiny_model(np.float32)
     rng = np.random.default_rng(5)
     tg.gpt2_forward(model, rng.integers(0, 50, (2, 5)), rng.integers(0, 50, (2, 5)))
-    logits = model.acts["logits"]
+    acts = model.acts
+    logits = acts["logits"]
     tg.gpt2_backward(model)
     assert list(model.acts) == ["logits"] and model.acts["logits"] is logits
+    # the forward's caches were taken out one by one, each as its backward was done
+    assert acts["layers"] == [] and "probs" not in acts and "logits_cache" not in acts
     with pytest.raises(RuntimeError, match="needs a forward pass with targets"):
         tg.gpt2_backward(model)
