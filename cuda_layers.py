@@ -14,15 +14,24 @@ into the gradient buffers it is given), so use_device can put it in the plain la
 globals().update(FUSED_LAYERS). Only a fused forward's cache is its own: its fused backward is the
 only reader. tests/test_cuda_layers.py checks each one against its plain layer.
 
-Everything is float32, as in train_gpt2.py: stored in float32 and computed in float32 (statistics,
-softmax, AdamW included). The one exception is TF32 in matrix products (set_tf32), which rounds
-their *inputs* to 10 mantissa bits and accumulates in float32, as llm.c's fp32 CUDA trainer does.
+Precision. With --dtype fp32 (the default) everything is float32, as in train_gpt2.py: stored in
+float32 and computed in float32 (statistics, softmax, AdamW included). The one exception is TF32 in
+matrix products (set_tf32), which rounds their *inputs* to 10 mantissa bits and accumulates in
+float32, as llm.c's fp32 CUDA trainer does. With --dtype bf16 (set_dtype) the activations, and the
+weights the layers compute with, are bfloat16 (8 bits of mantissa, float32's range), as llm.c's
+train_gpt2.cu keeps its floatX tensors; every kernel still computes in float32 (it reads bfloat16,
+converts, and rounds once when it stores), the matrix products multiply bfloat16 on the tensor cores
+and add in float32, and the numerically touchy values stay float32 in memory too: LayerNorm's mean
+and rstd, attention's scores before the softmax, the probabilities and the loss, and every gradient
+of a parameter (see train_gpt2.py, "mixed precision"). Each kernel is written once, over a type
+floatX (float or __nv_bfloat16, llm.c's name), and compiled for the dtype of the arrays it is given.
 CuPy compiles every kernel with -ftz=true: results below 1e-38 flush to zero.
 
 Nothing here touches the GPU when the module is imported: CuPy compiles each kernel at its first
 launch (and caches the binary on disk, in ~/.cupy/kernel_cache).
 """
 
+import functools
 import math
 
 import cupy
@@ -32,6 +41,7 @@ import numpy as np
 # matrix products: cuBLAS strided-batched GEMM, TF32 by default
 
 _tf32 = True  # TF32 tensor cores for attention's GEMMs here; set_tf32 also sets it for CuPy's own matmul
+floatX = np.dtype(np.float32)  # the activations' dtype (set_dtype): float32, or bfloat16 with --dtype bf16
 
 
 def set_tf32(enabled):
@@ -50,6 +60,24 @@ def tf32_enabled():
     return _tf32
 
 
+def set_dtype(dtype):
+    # the dtype of the activations, chosen once with the GPU: float32, or ml_dtypes' bfloat16 (the
+    # dtype CuPy uses for bf16). The layers take the dtype of the arrays they are given; this one
+    # setting is for the one layer whose input does not say it: crossentropy_softmax_backward reads
+    # float32 probabilities and writes dlogits, the input of the classifier's bf16 matmul_backward.
+    global floatX
+    floatX = np.dtype(dtype)
+    assert floatX.name in _FLOATX, floatX
+
+
+# how cuBLAS names each dtype, and each kernel's definition of floatX for it
+_CUDA_TYPES = {"float32": cupy.cuda.runtime.CUDA_R_32F, "bfloat16": getattr(cupy.cuda.runtime, "CUDA_R_16BF", 14)}
+_FLOATX = {
+    "float32": "typedef float floatX;\n",
+    # (conversions: (float)x reads a bfloat16 exactly; (floatX)f rounds a float to the nearest bfloat16)
+    "bfloat16": "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 floatX;\n",
+}
+
 # alpha = 1 and beta = 0 of every GEMM here, passed to cuBLAS as pointers to host memory. That is
 # the handle's default pointer mode, and CuPy puts it back after any call of its own that changes
 # it; we set it anyway before each call, since the handle is CuPy's, shared with everything else.
@@ -58,28 +86,33 @@ _ZERO = np.array(0.0, dtype=np.float32)
 
 
 def _matrix(x):
-    # how cuBLAS finds a (batch, rows, cols) float32 array whose rows are contiguous, a C-contiguous
-    # array or a block of one (att[:, s:e, :e]): its pointer, the distance from one row to the next
-    # (the leading dimension) and from one matrix of the batch to the next, in floats
+    # how cuBLAS finds a (batch, rows, cols) float32 or bfloat16 array whose rows are contiguous, a
+    # C-contiguous array or a block of one (att[:, s:e, :e]): its pointer, the distance from one row to
+    # the next (the leading dimension) and from one matrix of the batch to the next, in elements
     batch, rows, cols = x.shape
-    assert x.dtype == cupy.float32 and (x.strides[2] == 4 or cols == 1) and x.strides[1] % 4 == 0
-    ld = x.strides[1] // 4 if rows > 1 else cols
+    size = x.itemsize
+    assert x.dtype.name in _CUDA_TYPES and (x.strides[2] == size or cols == 1) and x.strides[1] % size == 0
+    ld = x.strides[1] // size if rows > 1 else cols
     assert ld >= cols
-    return x.data.ptr, ld, x.strides[0] // 4 if batch > 1 else rows * ld
+    return x.data.ptr, ld, x.strides[0] // size if batch > 1 else rows * ld
 
 
 def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False, tf32=None):
     # out[i] = op(a[i]) @ op(b[i]) for each i of the first (batch) axis, where op(x) is x.T if asked.
-    # All three are float32 (batch, rows, cols) arrays with contiguous rows (see _matrix); out is
-    # (batch, M, N). TF32 as set_tf32 chose, unless tf32 says otherwise.
+    # All three are (batch, rows, cols) arrays with contiguous rows (see _matrix); out is (batch, M, N).
+    # a and b are both float32 (then TF32 as set_tf32 chose, unless tf32 says otherwise) or both
+    # bfloat16 (then the tensor cores multiply bfloat16 and add in float32); out is either, whatever
+    # a and b are: cuBLAS rounds the float32 sums to out's dtype once, at the end.
     batch, M, N = out.shape
     K = a.shape[1] if transpose_a else a.shape[2]
     assert a.shape[0] == b.shape[0] == batch and (b.shape[2] if transpose_b else b.shape[1]) == K
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
     (a_ptr, lda, a_stride), (b_ptr, ldb, b_stride), (out_ptr, ldo, out_stride) = (_matrix(x) for x in (a, b, out))
     cublas = cupy.cuda.cublas  # (CuPy loads cuBLAS on first use)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if (_tf32 if tf32 is None else tf32) else cublas.CUBLAS_COMPUTE_32F
+    tf32 = (_tf32 if tf32 is None else tf32) and a.dtype == np.float32
+    compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else cublas.CUBLAS_COMPUTE_32F
     # cuBLAS is column-major: it reads a row-major (r, c) matrix as its (c, r) transpose. So we ask it
     # for out^T = op(b)^T @ op(a)^T, which it writes column-major: exactly out, row-major. The
     # leading dimension of each row-major matrix is its row stride, whether it is transposed or not.
@@ -89,10 +122,10 @@ def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False, tf32=None):
         cublas.CUBLAS_OP_T if transpose_a else cublas.CUBLAS_OP_N,  # op of the second operand, a
         N, M, K,  # m, n, k of the column-major product out^T (N, M) = (N, K) @ (K, M)
         _ONE.ctypes.data,
-        b_ptr, cupy.cuda.runtime.CUDA_R_32F, ldb, b_stride,
-        a_ptr, cupy.cuda.runtime.CUDA_R_32F, lda, a_stride,
+        b_ptr, _CUDA_TYPES[b.dtype.name], ldb, b_stride,
+        a_ptr, _CUDA_TYPES[a.dtype.name], lda, a_stride,
         _ZERO.ctypes.data,
-        out_ptr, cupy.cuda.runtime.CUDA_R_32F, ldo, out_stride,
+        out_ptr, _CUDA_TYPES[out.dtype.name], ldo, out_stride,
         batch, compute, cublas.CUBLAS_GEMM_DEFAULT)
 
 
@@ -147,6 +180,13 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+@functools.cache
+def _kernel(source, name, dtype):
+    # the RawKernel `name` of `source`, with floatX defined as the dtype of the arrays it will be given
+    # (float32 or bfloat16); CuPy compiles it at its first launch
+    return cupy.RawKernel(_FLOATX[np.dtype(dtype).name] + source, name)
+
+
 # ----------------------------------------------------------------------------
 # Matmul forward, for one row
 # plain layer: out = inp @ weight^T + bias. For a batch of rows CuPy's `@` (cuBLAS) is the fast
@@ -157,18 +197,17 @@ def _ceil_div(a, b):
 _MATVEC_SRC = _CUDA_COMMON + r"""
 // out[o] = sum over c of weight[o, c] * inp[c] + bias[o] (+ 0 without a bias); one warp per o
 extern "C" __global__ void matvec_forward_kernel(
-        float* out, const float* inp, const float* weight, const float* bias, int C, int OC, int has_bias) {
+        floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, int C, int OC, int has_bias) {
     int o = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (o >= OC) return;
-    const float* w = weight + (long long)o * C;
+    const floatX* w = weight + (long long)o * C;
     float sum = 0.0f;
-    for (int c = lane; c < C; c += WARP_SIZE) sum += w[c] * inp[c];
+    for (int c = lane; c < C; c += WARP_SIZE) sum += (float)w[c] * (float)inp[c];
     sum = warp_sum(sum);
-    if (lane == 0) out[o] = has_bias ? sum + bias[o] : sum;
+    if (lane == 0) out[o] = (floatX)(has_bias ? sum + (float)bias[o] : sum);
 }
 """
-_matvec_forward_kernel = cupy.RawKernel(_MATVEC_SRC, "matvec_forward_kernel")
 MATVEC_WARPS = 8  # output channels per block
 
 
@@ -185,19 +224,22 @@ def matmul_forward(inp, weight, bias):
     x = cupy.ascontiguousarray(inp)
     w = cupy.ascontiguousarray(weight)
     b = cupy.ascontiguousarray(bias) if bias is not None else None
-    out = cupy.empty((1, 1, OC), dtype=cupy.float32)
-    _matvec_forward_kernel((_ceil_div(OC, MATVEC_WARPS),), (MATVEC_WARPS * WARP_SIZE,),
-                           (out, x, w, b if b is not None else w, np.int32(C), np.int32(OC), np.int32(b is not None)))
+    out = cupy.empty((1, 1, OC), dtype=inp.dtype)
+    _kernel(_MATVEC_SRC, "matvec_forward_kernel", inp.dtype)(
+        (_ceil_div(OC, MATVEC_WARPS),), (MATVEC_WARPS * WARP_SIZE,),
+        (out, x, w, b if b is not None else w, np.int32(C), np.int32(OC), np.int32(b is not None)))
     return out, (inp, weight)
 
 
 # ----------------------------------------------------------------------------
 # Matmul backward
-# plain layer: dinp = dout @ weight; dweight = dout^T @ inp; dbias = dout.sum(axis=(0, 1)). The two
-# products are CuPy's (cuBLAS, TF32 as chosen). The bias gradient is the one change: CuPy sums a
-# (B*T, OC) array over its first axis by walking down its columns, which reads memory with a large
-# stride; as the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several
-# times faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
+# plain layer: dinp = dout @ weight; dweight = dout^T @ inp; dbias = dout.sum(axis=(0, 1)). All three
+# are cuBLAS products (TF32 as chosen), dinp through CuPy's `@`. dweight is written by a GEMM of our
+# own, straight into the float32 gradient buffer whatever the activations' dtype (with bf16 inputs,
+# CuPy's matmul would round it to bf16 first). The bias gradient as a product: CuPy sums a (B*T, OC)
+# array over its first axis by walking down its columns, which reads memory with a large stride; as
+# the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several times
+# faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
 
 _ones = {}  # a vector of ones for each length asked for, made once
 
@@ -209,15 +251,28 @@ def matmul_backward(dout, cache, dweight, dbias):
     OC = weight.shape[0]
     dout2d = cupy.ascontiguousarray(dout).reshape(B * T, OC)  # (B*T,OC)
     dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
-    cupy.matmul(dout2d.T, inp.reshape(B * T, C), out=dweight)  # (OC,B*T) @ (B*T,C) -> (OC,C)
+    # dweight = dout^T @ inp: (OC,B*T) @ (B*T,C) -> (OC,C)
+    _into_gradient(dweight, lambda target: _batched_matmul(
+        dout2d.reshape(1, B * T, OC), cupy.ascontiguousarray(inp).reshape(1, B * T, C), target.reshape(1, OC, C),
+        transpose_a=True))
     if dbias is not None:
-        if B * T not in _ones:
-            _ones[B * T] = cupy.ones((1, 1, B * T), dtype=cupy.float32)
-        target = dbias if dbias.flags.c_contiguous else cupy.empty(OC, dtype=cupy.float32)
-        _batched_matmul(_ones[B * T], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False)
-        if target is not dbias:
-            dbias[...] = target
+        key = (B * T, dout.dtype)
+        if key not in _ones:
+            _ones[key] = cupy.ones((1, 1, B * T), dtype=dout.dtype)
+        _into_gradient(dbias, lambda target: _batched_matmul(
+            _ones[key], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False))
     return dinp.reshape(B, T, C)
+
+
+def _into_gradient(gradient, write):
+    # write(target) writes a parameter's gradient: straight into the model's float32 buffer when it is
+    # contiguous (a slice of grads_memory always is), else into a scratch copy, then copied over
+    if gradient.flags.c_contiguous and gradient.dtype == np.float32:
+        write(gradient)
+    else:
+        target = cupy.empty(gradient.shape, dtype=np.float32)
+        write(target)
+        gradient[...] = target
 
 
 # ----------------------------------------------------------------------------
@@ -227,32 +282,33 @@ def matmul_backward(dout, cache, dweight, dbias):
 # C channels, and shuffles add up their partial sums.
 
 _LAYERNORM_SRC = _CUDA_COMMON + r"""
+// (mean and rstd are float32 whatever floatX is: the statistics are computed and kept in float32)
 extern "C" __global__ void layernorm_forward_kernel(
-        float* out, float* mean, float* rstd,
-        const float* inp, const float* weight, const float* bias, int N, int C) {
+        floatX* out, float* mean, float* rstd,
+        const floatX* inp, const floatX* weight, const floatX* bias, int N, int C) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;  // (b,t), of N = B*T
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= N) return;  // (the whole warp leaves together: its shuffles stay complete)
-    const float* x = inp + (long long)row * C;
+    const floatX* x = inp + (long long)row * C;
     // mean = inp.mean(axis=-1)
     float sum = 0.0f;
-    for (int i = lane; i < C; i += WARP_SIZE) sum += x[i];
+    for (int i = lane; i < C; i += WARP_SIZE) sum += (float)x[i];
     float m = warp_sum(sum) / C;
     // var = (xshift * xshift).mean(axis=-1), xshift = inp - mean: a second pass over the row, which
     // the first one left in the cache (more exact than E[x^2] - mean^2)
     float sumsq = 0.0f;
     for (int i = lane; i < C; i += WARP_SIZE) {
-        float xshift = x[i] - m;
+        float xshift = (float)x[i] - m;
         sumsq += xshift * xshift;
     }
     float var = warp_sum(sumsq) / C;
     // rstd = 1.0 / sqrt(var + eps)
     float s = 1.0f / sqrtf(var + 1e-5f);
     // out = norm * weight + bias, norm = xshift * rstd
-    float* o = out + (long long)row * C;
+    floatX* o = out + (long long)row * C;
     for (int i = lane; i < C; i += WARP_SIZE) {
-        float norm = (x[i] - m) * s;
-        o[i] = norm * weight[i] + bias[i];
+        float norm = ((float)x[i] - m) * s;
+        o[i] = (floatX)(norm * (float)weight[i] + (float)bias[i]);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -269,8 +325,8 @@ extern "C" __global__ void layernorm_forward_kernel(
 // run (llm.c adds with atomics, in an order that varies). At the end the block adds up its warps'
 // sums in a fixed order into its row of partial (nblocks, 2C); layernorm_param_sums_kernel adds those.
 extern "C" __global__ void layernorm_backward_kernel(
-        float* dinp, float* partial,
-        const float* dout, const float* inp, const float* weight, const float* mean, const float* rstd,
+        floatX* dinp, float* partial,
+        const floatX* dout, const floatX* inp, const floatX* weight, const float* mean, const float* rstd,
         int N, int C, int rows_per_block) {
     extern __shared__ float sums[];  // (warps, 2, C): each warp's dbias sums, then its dweight sums
     int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
@@ -281,26 +337,27 @@ extern "C" __global__ void layernorm_backward_kernel(
     int first = blockIdx.x * rows_per_block;
     int last = first + rows_per_block < N ? first + rows_per_block : N;
     for (int row = first + warp; row < last; row += warps) {
-        const float* x = inp + (long long)row * C;
-        const float* dy = dout + (long long)row * C;
+        const floatX* x = inp + (long long)row * C;
+        const floatX* dy = dout + (long long)row * C;
         float m = mean[row], s = rstd[row];
         // norm is recomputed from inp (see llm.c's layernorm.md); the two means dinp needs:
         float sum_dnorm = 0.0f, sum_dnorm_norm = 0.0f;
         for (int i = lane; i < C; i += WARP_SIZE) {
-            float norm = (x[i] - m) * s;
-            float dnorm = dy[i] * weight[i];
+            float norm = ((float)x[i] - m) * s;
+            float dyi = (float)dy[i];
+            float dnorm = dyi * (float)weight[i];
             sum_dnorm += dnorm;
             sum_dnorm_norm += dnorm * norm;
-            dbias_sum[i] += dy[i];
-            dweight_sum[i] += dy[i] * norm;
+            dbias_sum[i] += dyi;
+            dweight_sum[i] += dyi * norm;
         }
         float mean_dnorm = warp_sum(sum_dnorm) / C;
         float mean_dnorm_norm = warp_sum(sum_dnorm_norm) / C;
-        float* dx = dinp + (long long)row * C;
+        floatX* dx = dinp + (long long)row * C;
         for (int i = lane; i < C; i += WARP_SIZE) {
-            float norm = (x[i] - m) * s;
-            float dnorm = dy[i] * weight[i];
-            dx[i] = (dnorm - mean_dnorm - norm * mean_dnorm_norm) * s;
+            float norm = ((float)x[i] - m) * s;
+            float dnorm = (float)dy[i] * (float)weight[i];
+            dx[i] = (floatX)((dnorm - mean_dnorm - norm * mean_dnorm_norm) * s);
         }
     }
     __syncthreads();
@@ -330,9 +387,6 @@ extern "C" __global__ void layernorm_param_sums_kernel(
     }
 }
 """
-_layernorm_forward_kernel = cupy.RawKernel(_LAYERNORM_SRC, "layernorm_forward_kernel")
-_layernorm_backward_kernel = cupy.RawKernel(_LAYERNORM_SRC, "layernorm_backward_kernel")  # (one compile:
-_layernorm_param_sums_kernel = cupy.RawKernel(_LAYERNORM_SRC, "layernorm_param_sums_kernel")  # same code)
 
 LAYERNORM_WARPS = 8  # rows (warps) in flight per block of the forward
 LAYERNORM_ROWS_PER_WARP = 4  # rows each warp of the backward takes: more means fewer partial sums to add
@@ -345,11 +399,13 @@ def layernorm_forward(inp, weight, bias):
     B, T, C = inp.shape
     N = B * T
     inp, weight, bias = (cupy.ascontiguousarray(x) for x in (inp, weight, bias))
-    out = cupy.empty((B, T, C), dtype=cupy.float32)
+    assert inp.dtype == weight.dtype == bias.dtype, (inp.dtype, weight.dtype, bias.dtype)
+    out = cupy.empty((B, T, C), dtype=inp.dtype)
     mean = cupy.empty((B, T, 1), dtype=cupy.float32)
     rstd = cupy.empty((B, T, 1), dtype=cupy.float32)
-    _layernorm_forward_kernel((_ceil_div(N, LAYERNORM_WARPS),), (LAYERNORM_WARPS * WARP_SIZE,),
-                              (out, mean, rstd, inp, weight, bias, np.int32(N), np.int32(C)))
+    _kernel(_LAYERNORM_SRC, "layernorm_forward_kernel", inp.dtype)(
+        (_ceil_div(N, LAYERNORM_WARPS),), (LAYERNORM_WARPS * WARP_SIZE,),
+        (out, mean, rstd, inp, weight, bias, np.int32(N), np.int32(C)))
     return out, (inp, weight, mean, rstd)
 
 
@@ -359,25 +415,26 @@ def layernorm_backward(dout, cache, dweight, dbias):
     B, T, C = inp.shape
     N = B * T
     dout = cupy.ascontiguousarray(dout)
+    assert dout.dtype == inp.dtype == weight.dtype, (dout.dtype, inp.dtype, weight.dtype)
     warps = min(LAYERNORM_WARPS, SHARED_MEMORY_BYTES // (2 * C * 4))  # each warp's (2, C) float32 sums
     if warps == 0:
         raise ValueError(f"layernorm_backward: C = {C} channels is more than this kernel's shared memory holds")
     rows_per_block = warps * LAYERNORM_ROWS_PER_WARP
     nblocks = max(1, _ceil_div(N, rows_per_block))
-    dinp = cupy.empty((B, T, C), dtype=cupy.float32)
+    dinp = cupy.empty((B, T, C), dtype=inp.dtype)
     partial = cupy.empty((nblocks, 2 * C), dtype=cupy.float32)  # each block's dbias and dweight sums
-    _layernorm_backward_kernel((nblocks,), (warps * WARP_SIZE,),
-                               (dinp, partial, dout, inp, weight, mean, rstd,
-                                np.int32(N), np.int32(C), np.int32(rows_per_block)),
-                               shared_mem=warps * 2 * C * 4)
+    _kernel(_LAYERNORM_SRC, "layernorm_backward_kernel", inp.dtype)(
+        (nblocks,), (warps * WARP_SIZE,),
+        (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C), np.int32(rows_per_block)),
+        shared_mem=warps * 2 * C * 4)
     # the kernel writes the model's gradient buffers directly when it can (they are contiguous
     # slices of grads_memory), else a scratch copy
     direct = [isinstance(g, cupy.ndarray) and g.dtype == cupy.float32 and g.flags.c_contiguous
               and g.shape == (C,) for g in (dbias, dweight)]
     db = dbias if direct[0] else cupy.empty(C, dtype=cupy.float32)
     dw = dweight if direct[1] else cupy.empty(C, dtype=cupy.float32)
-    _layernorm_param_sums_kernel((_ceil_div(2 * C, WARP_SIZE),), (WARP_SIZE, WARP_SIZE),
-                                 (db, dw, partial, np.int32(nblocks), np.int32(C)))
+    _kernel(_LAYERNORM_SRC, "layernorm_param_sums_kernel", inp.dtype)(
+        (_ceil_div(2 * C, WARP_SIZE),), (WARP_SIZE, WARP_SIZE), (db, dw, partial, np.int32(nblocks), np.int32(C)))
     if not direct[0]:
         dbias[...] = db
     if not direct[1]:
@@ -396,6 +453,11 @@ def layernorm_backward(dout, cache, dweight, dbias):
 # row's log-sum-exp lse (B,NH,T); the backward recomputes preatt = q @ k^T with one more GEMM and
 # att = exp(scale * preatt - lse), as FlashAttention does. Only one or two (B,NH,T,T) arrays then
 # exist at any time: the current layer's.
+#
+# Precision: the scores preatt = q @ k^T are float32 in memory whatever floatX is (cuBLAS writes the
+# float32 sums of bf16 products as they are): rounded to bf16, a score of 10 would move by 0.04, and
+# its attention weight by 4%. att, the input of the products with v, is floatX; with float32 it is
+# written over the scores, in place. (PyTorch's flash attention never stores the scores at all.)
 
 _ATTENTION_SRC = _CUDA_COMMON + r"""
 // the products go by blocks of query rows (see ATTENTION_BLOCK): row t of the (T,T) matrices is read
@@ -405,20 +467,22 @@ __device__ __forceinline__ int block_end(int t, int T, int block) {
     return end < T ? end : T;
 }
 
-// att = softmax(scale * preatt) over t2 <= t, 0 beyond (the causal mask); in place: att holds
-// preatt = q @ k^T on entry. Also writes lse = log(sum over t2 <= t of exp(scale * preatt)), all
-// the backward pass needs to rebuild att. One warp per row; row = (b * NH + h) * T + t.
-extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int rows, int T, float scale, int block) {
+// att = softmax(scale * preatt) over t2 <= t, 0 beyond (the causal mask); att may be preatt itself
+// (float32: in place). Also writes lse = log(sum over t2 <= t of exp(scale * preatt)), all the
+// backward pass needs to rebuild att. One warp per row; row = (b * NH + h) * T + t.
+extern "C" __global__ void attention_softmax_kernel(
+        floatX* att, float* lse, const float* preatt, int rows, int T, float scale, int block) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;  // the query's position: it sees keys t2 = 0..t
     int end = block_end(t, T, block);
-    float* a = att + (long long)row * T;
+    const float* p = preatt + (long long)row * T;
+    floatX* a = att + (long long)row * T;
     // the max and the sum of exp(x - max) in one pass: when the max grows, rescale the sum so far
     float maxval = NEG_FLT_MAX, sumval = 0.0f;
     for (int t2 = lane; t2 <= t; t2 += WARP_SIZE) {
-        float x = scale * a[t2];  // preatt = (q @ k^T) * scale
+        float x = scale * p[t2];  // preatt = (q @ k^T) * scale
         if (x > maxval) {
             sumval *= expf(maxval - x);
             maxval = x;
@@ -427,48 +491,47 @@ extern "C" __global__ void attention_softmax_kernel(float* att, float* lse, int 
     }
     float row_max = warp_max(maxval);
     float row_sum = warp_sum(sumval * expf(maxval - row_max));
-    // att = exp(preatt - max) / sum, where t2 <= t
+    // att = exp(preatt - max) / sum, where t2 <= t (each entry read, then written, by one thread)
     for (int t2 = lane; t2 < end; t2 += WARP_SIZE)
-        a[t2] = t2 <= t ? expf(scale * a[t2] - row_max) / row_sum : 0.0f;
+        a[t2] = (floatX)(t2 <= t ? expf(scale * p[t2] - row_max) / row_sum : 0.0f);
     if (lane == 0) lse[row] = row_max + logf(row_sum);
 }
 
-// the backward pass's att, rebuilt from preatt = q @ k^T (in place) and the forward's lse:
+// the backward pass's att, rebuilt from preatt = q @ k^T and the forward's lse (att may be preatt):
 // att = exp(scale * preatt - lse) = exp(scale * preatt - max) / sum, where t2 <= t. One warp per row.
 extern "C" __global__ void attention_recompute_kernel(
-        float* att, const float* lse, int rows, int T, float scale, int block) {
+        floatX* att, const float* preatt, const float* lse, int rows, int T, float scale, int block) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
     int end = block_end(t, T, block);
-    float* a = att + (long long)row * T;
+    const float* p = preatt + (long long)row * T;
+    floatX* a = att + (long long)row * T;
     float row_lse = lse[row];
-    for (int t2 = lane; t2 < end; t2 += WARP_SIZE) a[t2] = t2 <= t ? expf(scale * a[t2] - row_lse) : 0.0f;
+    for (int t2 = lane; t2 < end; t2 += WARP_SIZE) a[t2] = (floatX)(t2 <= t ? expf(scale * p[t2] - row_lse) : 0.0f);
 }
 
 // dpreatt = att * (datt - sum over t2 of att * datt), the softmax's backward, times scale (from
-// preatt = scale * q @ k^T, folded in here once instead of into both dq and dk); in place: datt
-// holds datt on entry and scale * dpreatt on exit. Masked entries (att = 0) get 0. One warp per row.
+// preatt = scale * q @ k^T, folded in here once instead of into both dq and dk), written over att,
+// in place (each entry is read, then written, by one thread). Masked entries (att = 0) get 0. One
+// warp per row.
 extern "C" __global__ void attention_softmax_backward_kernel(
-        float* datt, const float* att, int rows, int T, float scale, int block) {
+        floatX* att, const float* datt, int rows, int T, float scale, int block) {
     int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
     int end = block_end(t, T, block);
-    float* d = datt + (long long)row * T;
-    const float* a = att + (long long)row * T;
+    const float* d = datt + (long long)row * T;
+    floatX* a = att + (long long)row * T;
     float sum = 0.0f;
-    for (int t2 = lane; t2 <= t; t2 += WARP_SIZE) sum += a[t2] * d[t2];
+    for (int t2 = lane; t2 <= t; t2 += WARP_SIZE) sum += (float)a[t2] * d[t2];
     sum = warp_sum(sum);
     for (int t2 = lane; t2 < end; t2 += WARP_SIZE)
-        d[t2] = t2 <= t ? scale * (a[t2] * (d[t2] - sum)) : 0.0f;
+        a[t2] = (floatX)(t2 <= t ? scale * ((float)a[t2] * (d[t2] - sum)) : 0.0f);
 }
 """
-_attention_softmax_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_softmax_kernel")
-_attention_recompute_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_recompute_kernel")
-_attention_softmax_backward_kernel = cupy.RawKernel(_ATTENTION_SRC, "attention_softmax_backward_kernel")
 
 ATTENTION_WARPS = 8  # rows (warps) per block of the kernels above
 # The causal mask leaves the upper right triangle of every (T,T) matrix empty. The products below go
@@ -483,6 +546,12 @@ def _row_blocks(T):
     return [(s, min(s + ATTENTION_BLOCK, T)) for s in range(0, T, ATTENTION_BLOCK)]
 
 
+def _attention_kernel(name, dtype, rows):
+    # launches a kernel of _ATTENTION_SRC: one warp per row of the (T,T) matrices
+    kernel = _kernel(_ATTENTION_SRC, name, dtype)
+    return lambda *args: kernel((_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,), args)
+
+
 def attention_forward(inp, NH):
     # replaces train_gpt2.attention_forward: inp (B,T,3C) holds q, k, v side by side; returns the
     # causal self-attention out (B,T,C) and a cache with q, k, v and lse (but no (B,NH,T,T) array)
@@ -493,15 +562,16 @@ def attention_forward(inp, NH):
     # q, k, v = inp.reshape(B,T,3,NH,hs).transpose(2,0,3,1,4): one copy makes them contiguous, 3 x (B*NH,T,hs)
     qkv = cupy.ascontiguousarray(inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)).reshape(3, B * NH, T, hs)
     q, k, v = qkv
-    att = cupy.empty((B * NH, T, T), dtype=cupy.float32)
+    preatt = cupy.empty((B * NH, T, T), dtype=cupy.float32)
     for s, e in _row_blocks(T):  # preatt = q @ k^T (unscaled), rows s..e against keys 0..e
-        _batched_matmul(q[:, s:e], k[:, :e], att[:, s:e, :e], transpose_b=True)
+        _batched_matmul(q[:, s:e], k[:, :e], preatt[:, s:e, :e], transpose_b=True)
+    att = preatt if inp.dtype == np.float32 else cupy.empty((B * NH, T, T), dtype=inp.dtype)
     lse = cupy.empty((B, NH, T), dtype=cupy.float32)
     rows = B * NH * T
-    grid, block = (_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,)
-    _attention_softmax_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale),
-                                            np.int32(ATTENTION_BLOCK)))
-    out = cupy.empty((B * NH, T, hs), dtype=cupy.float32)
+    _attention_kernel("attention_softmax_kernel", inp.dtype, rows)(
+        att, lse, preatt, np.int32(rows), np.int32(T), np.float32(scale), np.int32(ATTENTION_BLOCK))
+    del preatt
+    out = cupy.empty((B * NH, T, hs), dtype=inp.dtype)
     for s, e in _row_blocks(T):  # out = att @ v: (T,T) @ (T,hs), rows s..e
         _batched_matmul(att[:, s:e, :e], v[:, :e], out[:, s:e])
     # re-assemble all head outputs side by side: (B,NH,T,hs) -> (B,T,NH,hs) -> (B,T,C)
@@ -516,32 +586,36 @@ def attention_backward(dout, cache):
     B, C = BNH // NH, NH * hs
     scale = 1.0 / math.sqrt(hs)
     q, k, v = qkv
+    assert dout.dtype == qkv.dtype, (dout.dtype, qkv.dtype)
     dout = cupy.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)).reshape(BNH, T, hs)
     blocks = _row_blocks(T)
-    # rebuild att: preatt = q @ k^T again, then att = exp(scale * preatt - lse) where t2 <= t
     rows = BNH * T
-    grid, block = (_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,)
-    att = cupy.empty((BNH, T, T), dtype=cupy.float32)
+    # rebuild att: preatt = q @ k^T again, then att = exp(scale * preatt - lse) where t2 <= t
+    preatt = cupy.empty((BNH, T, T), dtype=cupy.float32)
     for s, e in blocks:
-        _batched_matmul(q[:, s:e], k[:, :e], att[:, s:e, :e], transpose_b=True)
-    _attention_recompute_kernel(grid, block, (att, lse, np.int32(rows), np.int32(T), np.float32(scale),
-                                              np.int32(ATTENTION_BLOCK)))
-    dqkv = cupy.empty((3, BNH, T, hs), dtype=cupy.float32)  # dq, dk, dv side by side, as inp holds q, k, v
+        _batched_matmul(q[:, s:e], k[:, :e], preatt[:, s:e, :e], transpose_b=True)
+    att = preatt if qkv.dtype == np.float32 else cupy.empty((BNH, T, T), dtype=qkv.dtype)
+    _attention_kernel("attention_recompute_kernel", qkv.dtype, rows)(
+        att, preatt, lse, np.int32(rows), np.int32(T), np.float32(scale), np.int32(ATTENTION_BLOCK))
+    dqkv = cupy.empty((3, BNH, T, hs), dtype=qkv.dtype)  # dq, dk, dv side by side, as inp holds q, k, v
     dq, dk, dv = dqkv
     # out = att @ v, so dv = att^T @ dout: keys s..e get the gradient of the rows s..T that see them
     for s, e in blocks:
         _batched_matmul(att[:, s:, s:e], dout[:, s:], dv[:, s:e], transpose_a=True)
-    datt = cupy.empty((BNH, T, T), dtype=cupy.float32)
-    for s, e in blocks:  # datt = dout @ v^T: (T,hs) @ (hs,T), rows s..e against keys 0..e
+    # datt = dout @ v^T, float32: into preatt's memory where att has its own, else a new array
+    datt = preatt if att is not preatt else cupy.empty((BNH, T, T), dtype=cupy.float32)
+    del preatt
+    for s, e in blocks:  # (T,hs) @ (hs,T), rows s..e against keys 0..e
         _batched_matmul(dout[:, s:e], v[:, :e], datt[:, s:e, :e], transpose_b=True)
-    # att = softmax(preatt): datt becomes scale * dpreatt, in place
-    _attention_softmax_backward_kernel(grid, block, (datt, att, np.int32(rows), np.int32(T), np.float32(scale),
-                                                     np.int32(ATTENTION_BLOCK)))
-    del att
-    # preatt = scale * q @ k^T, so (scale already in datt):
+    # att = softmax(preatt): att becomes scale * dpreatt, in place
+    _attention_kernel("attention_softmax_backward_kernel", qkv.dtype, rows)(
+        att, datt, np.int32(rows), np.int32(T), np.float32(scale), np.int32(ATTENTION_BLOCK))
+    del datt
+    dpreatt = att
+    # preatt = scale * q @ k^T, so (scale already in dpreatt):
     for s, e in blocks:
-        _batched_matmul(datt[:, s:e, :e], k[:, :e], dq[:, s:e])  # dq = dpreatt @ k: rows s..e, keys 0..e
-        _batched_matmul(datt[:, s:, s:e], q[:, s:], dk[:, s:e], transpose_a=True)  # dk = dpreatt^T @ q: keys s..e
+        _batched_matmul(dpreatt[:, s:e, :e], k[:, :e], dq[:, s:e])  # dq = dpreatt @ k: rows s..e, keys 0..e
+        _batched_matmul(dpreatt[:, s:, s:e], q[:, s:], dk[:, s:e], transpose_a=True)  # dk = dpreatt^T @ q: keys s..e
     # (3,B,NH,T,hs) -> (B,T,3,NH,hs) -> (B,T,3C)
     return cupy.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
 
@@ -615,39 +689,52 @@ def attention_forward_cached(qkv, kv_cache, pos, NH):
 
 
 # ----------------------------------------------------------------------------
-# GeLU: elementwise, so CuPy writes the loop around the formula
+# GeLU: elementwise, one thread per element
 
-_GELU_PREAMBLE = "#define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2 / pi), rounded to float32\n"
+_GELU_SRC = r"""
+#define GELU_SCALING_FACTOR 0.7978845608028654f  // sqrt(2 / pi), rounded to float32
 
-_gelu_forward_kernel = cupy.ElementwiseKernel(
-    "float32 x", "float32 out",
-    """
+extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = (float)inp[i];
     float cube = 0.044715f * x * x * x;
-    out = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube)));
-    """,
-    "gelu_forward_kernel", preamble=_GELU_PREAMBLE)
+    out[i] = (floatX)(0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube))));
+}
 
-_gelu_backward_kernel = cupy.ElementwiseKernel(
-    "float32 x, float32 dout", "float32 dinp",
-    """
+extern "C" __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp, const floatX* dout, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = (float)inp[i];
     float cube = 0.044715f * x * x * x;
     float tanh_out = tanhf(GELU_SCALING_FACTOR * (x + cube));
     float sech2 = 1.0f - tanh_out * tanh_out;  // sech^2 = 1 / cosh^2 = 1 - tanh^2
     // d/dx of 0.5 * x * (1 + tanh(s * (x + 0.044715 x^3))):
     float local_grad = 0.5f * (1.0f + tanh_out) + x * 0.5f * sech2 * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
-    dinp = local_grad * dout;
-    """,
-    "gelu_backward_kernel", preamble=_GELU_PREAMBLE)
+    dinp[i] = (floatX)(local_grad * (float)dout[i]);
+}
+"""
+GELU_THREADS = 256
 
 
 def gelu_forward(inp):
     # replaces train_gpt2.gelu_forward: out = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
-    return _gelu_forward_kernel(inp), inp
+    inp = cupy.ascontiguousarray(inp)
+    out = cupy.empty(inp.shape, dtype=inp.dtype)
+    _kernel(_GELU_SRC, "gelu_forward_kernel", inp.dtype)(
+        (_ceil_div(inp.size, GELU_THREADS),), (GELU_THREADS,), (out, inp, np.int64(inp.size)))
+    return out, inp
 
 
 def gelu_backward(dout, cache):
     # replaces train_gpt2.gelu_backward: dinp = local_grad * dout, the derivative of the line above
-    return _gelu_backward_kernel(cache, dout)
+    inp = cache
+    dout = cupy.ascontiguousarray(dout)
+    assert dout.dtype == inp.dtype and dout.shape == inp.shape, (dout.dtype, inp.dtype, dout.shape, inp.shape)
+    dinp = cupy.empty(inp.shape, dtype=inp.dtype)
+    _kernel(_GELU_SRC, "gelu_backward_kernel", inp.dtype)(
+        (_ceil_div(inp.size, GELU_THREADS),), (GELU_THREADS,), (dinp, inp, dout, np.int64(inp.size)))
+    return dinp
 
 
 # ----------------------------------------------------------------------------
@@ -657,16 +744,17 @@ def gelu_backward(dout, cache):
 # One block per row (b,t): 50,257 entries are too many for one warp.
 
 _SOFTMAX_SRC = _CUDA_COMMON + _CUDA_BLOCK_REDUCE + r"""
-// probs (rows, V) = softmax of logits (rows, Vp)[:, :V]; probs' rows are probs_stride floats apart
+// probs (rows, V) = softmax of logits (rows, Vp)[:, :V]; probs' rows are probs_stride floats apart.
+// The probabilities are float32 whatever floatX is: the loss and its gradient come from them.
 extern "C" __global__ void softmax_forward_kernel(
-        float* probs, const float* logits, int rows, int V, int Vp, int probs_stride) {
+        float* probs, const floatX* logits, int rows, int V, int Vp, int probs_stride) {
     if (blockIdx.x >= rows) return;
-    const float* x = logits + (long long)blockIdx.x * Vp;
+    const floatX* x = logits + (long long)blockIdx.x * Vp;
     float* p = probs + (long long)blockIdx.x * probs_stride;
     // each thread's max and sum of exp(x - max) in one pass (as attention_softmax_kernel), then the block's
     float maxval = NEG_FLT_MAX, sumval = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float xi = x[i];
+        float xi = (float)x[i];
         if (xi > maxval) {
             sumval *= expf(maxval - xi);
             maxval = xi;
@@ -676,68 +764,68 @@ extern "C" __global__ void softmax_forward_kernel(
     float row_max = block_max(maxval);
     float row_sum = block_sum(sumval * expf(maxval - row_max));
     // probs = exp(logits - max) / sum
-    for (int i = threadIdx.x; i < V; i += blockDim.x) p[i] = expf(x[i] - row_max) / row_sum;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) p[i] = expf((float)x[i] - row_max) / row_sum;
 }
 
 // dlogits (rows, Vp): d loss / d logit i = (probs[i] - 1[i == target]) * dloss, 0 for i >= V.
-// probs' rows are probs_stride floats apart; dlogits may be probs itself (each thread reads its
-// entries before it writes them)
+// probs' rows are probs_stride floats apart; with float32 dlogits, dlogits may be probs itself (each
+// thread reads its entries before it writes them)
 extern "C" __global__ void crossentropy_softmax_backward_kernel(
-        float* dlogits, const float* dlosses, const float* probs, const int* targets, int rows, int V, int Vp,
+        floatX* dlogits, const float* dlosses, const float* probs, const int* targets, int rows, int V, int Vp,
         int probs_stride) {
     if (blockIdx.x >= rows) return;
     float dloss = dlosses[blockIdx.x];
     int target = targets[blockIdx.x];
     const float* p = probs + (long long)blockIdx.x * probs_stride;
-    float* d = dlogits + (long long)blockIdx.x * Vp;
+    floatX* d = dlogits + (long long)blockIdx.x * Vp;
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         float g = 0.0f;  // the padded columns never entered the softmax
         if (i < V) {
             g = p[i] * dloss;
             if (i == target) g -= dloss;
         }
-        d[i] = g;
+        d[i] = (floatX)g;
     }
 }
 """
-_softmax_forward_kernel = cupy.RawKernel(_SOFTMAX_SRC, "softmax_forward_kernel")
-_crossentropy_softmax_backward_kernel = cupy.RawKernel(_SOFTMAX_SRC, "crossentropy_softmax_backward_kernel")
 
 SOFTMAX_THREADS = 512  # per row: about 100 of GPT-2's 50,257 logits each
 
 
 def softmax_forward(logits, V):
-    # replaces train_gpt2.softmax_forward: logits (B,T,Vp) -> probs (B,T,V). Memory: probs is a view
-    # of the first V columns of a new (B,T,Vp) buffer, so that crossentropy_softmax_backward can write
-    # dlogits (B,T,Vp) over it, in place: the backward pass then needs no other array of that size
-    # (1.6 GB for GPT-2 at B=8, T=1024).
+    # replaces train_gpt2.softmax_forward: logits (B,T,Vp) -> probs (B,T,V), float32 whatever the
+    # logits' dtype. Memory: probs is a view of the first V columns of a new (B,T,Vp) buffer, so that
+    # crossentropy_softmax_backward can write float32 dlogits (B,T,Vp) over it, in place: the backward
+    # pass then needs no other array of that size (1.6 GB for GPT-2 at B=8, T=1024).
     B, T, Vp = logits.shape
     logits = cupy.ascontiguousarray(logits)
     buffer = cupy.empty((B, T, Vp), dtype=cupy.float32)
-    _softmax_forward_kernel((B * T,), (SOFTMAX_THREADS,),
-                            (buffer, logits, np.int32(B * T), np.int32(V), np.int32(Vp), np.int32(Vp)))
+    _kernel(_SOFTMAX_SRC, "softmax_forward_kernel", logits.dtype)(
+        (B * T,), (SOFTMAX_THREADS,), (buffer, logits, np.int32(B * T), np.int32(V), np.int32(Vp), np.int32(Vp)))
     return buffer[..., :V]
 
 
 def crossentropy_softmax_backward(dlosses, probs, targets, Vp):
     # replaces train_gpt2.crossentropy_softmax_backward: dlosses (B,T), probs (B,T,V), targets (B,T)
-    # token ids -> dlogits (B,T,Vp), zero in the padded columns
-    # token ids -> dlogits (B,T,Vp), zero in the padded columns. When probs is softmax_forward's view
-    # of a (B,T,Vp) buffer, dlogits is written over that buffer: probs is used up (nothing reads it
-    # after the backward pass; the plain layer leaves it alone)
+    # token ids -> dlogits (B,T,Vp) of the activations' dtype (set_dtype), zero in the padded columns.
+    # When dlogits is float32 and probs is softmax_forward's view of a (B,T,Vp) buffer, dlogits is
+    # written over that buffer: probs is used up (nothing reads it after the backward pass; the plain
+    # layer leaves it alone)
     B, T, V = probs.shape
     dlosses = cupy.ascontiguousarray(cupy.asarray(dlosses), dtype=cupy.float32)
     targets = cupy.ascontiguousarray(cupy.asarray(targets), dtype=cupy.int32)  # token ids fit in int32
     base = probs.base
-    if isinstance(base, cupy.ndarray) and base.shape == (B, T, Vp) and base.flags.c_contiguous and probs.data.ptr == base.data.ptr \
-            and probs.strides == base.strides:
-        dlogits, probs, stride = base, base, Vp  # in place: read probs from the buffer's first V columns
+    in_buffer = isinstance(base, cupy.ndarray) and base.shape == (B, T, Vp) and base.flags.c_contiguous \
+        and probs.data.ptr == base.data.ptr and probs.strides == base.strides
+    if in_buffer:
+        probs, stride = base, Vp  # read probs from the buffer's first V columns
     else:
-        probs, stride = cupy.ascontiguousarray(probs), V
-        dlogits = cupy.empty((B, T, Vp), dtype=cupy.float32)
-    _crossentropy_softmax_backward_kernel((B * T,), (SOFTMAX_THREADS,),
-                                          (dlogits, dlosses, probs, targets,
-                                           np.int32(B * T), np.int32(V), np.int32(Vp), np.int32(stride)))
+        probs, stride = cupy.ascontiguousarray(probs, dtype=cupy.float32), V
+    # float32 dlogits go over the buffer, in place; bf16 ones need an array of their own
+    dlogits = base if in_buffer and floatX == np.float32 else cupy.empty((B, T, Vp), dtype=floatX)
+    _kernel(_SOFTMAX_SRC, "crossentropy_softmax_backward_kernel", floatX)(
+        (B * T,), (SOFTMAX_THREADS,),
+        (dlogits, dlosses, probs, targets, np.int32(B * T), np.int32(V), np.int32(Vp), np.int32(stride)))
     return dlogits
 
 

@@ -20,6 +20,12 @@ fixture to 1.5e-6), TF32 matmuls on a GPU to about 1e-3; the default, 1e-2, pass
 catches errors of a percent that the absolute check lets through. The loss and the 10 step losses
 are scalars, compared as llm.c does (--loss-tol).
 
+With --dtype bf16 (GPU), the defaults are the tolerances of llm.c's test_gpt2.cu for its bf16 build:
+logits within 25, the loss and the step losses within 0.05, and each gradient element within its
+tensor's threshold (from 4e-3 for dwpe to 0.5 for dwte) plus 7.9% of the reference value, llm.c's
+"BF16 epsilon". Those are loose; the relative error is the check that catches real mistakes there,
+at --rel-tol 5e-2 by default (bfloat16 rounds to 8 bits, 0.4%, at every step of the chain).
+
 It ends with `overall okay: 1` (exit 0) or `overall okay: 0` (exit 1).
 """
 
@@ -37,6 +43,17 @@ import train_gpt2 as tg
 # as published in llm.c's test_gpt2.c
 LLMC_EXPECTED_LOSSES = [5.270007, 4.059707, 3.375123, 2.800783, 2.315382,
                         1.849029, 1.394656, 0.999147, 0.624080, 0.376511]
+
+# llm.c's test_gpt2.cu, bf16 build: each gradient element passes if |ours - reference| <= threshold of
+# its tensor + BF16_EPSILON * |reference|; the logits within 25, the losses within 0.05
+LLMC_BF16_GRAD_TOLS = {"wte": 5e-1, "wpe": 4e-3, "ln1w": 1e-1, "ln1b": 4e-2, "qkvw": 5e-2, "qkvb": 3.5e-2,
+                       "attprojw": 2e-2, "attprojb": 3e-2, "ln2w": 5e-2, "ln2b": 3e-2, "fcw": 3e-2, "fcb": 3e-2,
+                       "fcprojw": 2e-2, "fcprojb": 1e-2, "lnfw": 1e-1, "lnfb": 2e-2}
+BF16_EPSILON = 0.079
+TOLERANCES = {  # the defaults of --logits-tol, --loss-tol, --grad-tol (None: per tensor) and --rel-tol
+    "fp32": dict(logits_tol=1e-2, loss_tol=1e-2, grad_tol=2e-2, rel_tol=1e-2),
+    "bf16": dict(logits_tol=25.0, loss_tol=0.05, grad_tol=None, rel_tol=5e-2),
+}
 
 STATE_MAGIC, STATE_VERSION = 20240327, 2
 CHECKPOINT_HINT = ("get gpt2_124M.bin and its debug state from llm.c's starter pack (python download_starter_pack.py), "
@@ -92,17 +109,19 @@ def relative_error(a, b):
     return float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def check_tensor(a, b, label, tol, rel_tol=math.inf):
+def check_tensor(a, b, label, tol, rel_tol=math.inf, epsilon=0.0):
     # poor man's tensor checker, as llm.c's: print the first few pairs, then the largest difference;
-    # and, beyond llm.c, the norm-wise relative error. a is ours (on the host or the device), b PyTorch's.
-    a, b = tg.to_host(a).ravel(), b.ravel()
+    # and, beyond llm.c, the norm-wise relative error. a is ours (on the host or the device, float32 or
+    # bfloat16), b PyTorch's. Each element passes within tol + epsilon * |b| (llm.c's bf16 test: epsilon 0.079).
+    a, b = tg.to_host(a).astype(np.float32).ravel(), b.ravel()
     diff = np.abs(a.astype(np.float64) - b)
     maxdiff = float(diff.max())
     rel = relative_error(a, b)
-    ok = bool(np.all(diff <= tol)) and rel <= rel_tol
+    allowed = tol + epsilon * np.abs(b)
+    ok = bool(np.all(diff <= allowed)) and rel <= rel_tol
     print(label)
     for i in range(min(5, a.size)):
-        print(f"{'OK' if diff[i] <= tol else 'NOT OK'} {a[i]:f} {b[i]:f}")
+        print(f"{'OK' if diff[i] <= allowed[i] else 'NOT OK'} {a[i]:f} {b[i]:f}")
     print(f"TENSOR {'OK' if ok else 'NOT OK'}, maxdiff = {maxdiff:e}, rel err = {rel:e}")
     return ok, maxdiff, rel
 
@@ -114,22 +133,32 @@ def parse_args(argv=None):
     parser.add_argument("--expected-losses", metavar="FILE",
                         help='JSON {"losses": [10 floats]} of the 10 AdamW steps (default: llm.c\'s published '
                              'values, which belong to the official GPT-2 124M state)')
-    parser.add_argument("--logits-tol", type=float, default=1e-2, help="max abs difference of logits (llm.c: 1e-2)")
-    parser.add_argument("--loss-tol", type=float, default=1e-2, help="max abs difference of the loss and of each step's loss (llm.c: 1e-2)")
-    parser.add_argument("--grad-tol", type=float, default=2e-2, help="max abs difference of gradients (llm.c: 2e-2)")
-    parser.add_argument("--rel-tol", type=float, default=1e-2,
+    parser.add_argument("--logits-tol", type=float, help="max abs difference of logits (llm.c: 1e-2; bf16: 25)")
+    parser.add_argument("--loss-tol", type=float,
+                        help="max abs difference of the loss and of each step's loss (llm.c: 1e-2; bf16: 0.05)")
+    parser.add_argument("--grad-tol", type=float,
+                        help="max abs difference of gradients (llm.c: 2e-2; bf16: llm.c's threshold per tensor, "
+                             "plus 0.079 times the reference value)")
+    parser.add_argument("--rel-tol", type=float,
                         help="max norm-wise relative error ||ours - PyTorch|| / ||PyTorch|| of the logits and of each "
                              "gradient tensor (not in llm.c; default 1e-2: fp32 on a CPU agrees to ~1e-6, TF32 to "
-                             "~1e-3; inf: not checked)")
+                             "~1e-3; bf16: 5e-2; inf: not checked)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where train_gpt2.py's layers compute: cpu (NumPy) or cuda (CuPy)")
     parser.add_argument("--tf32", type=int, choices=[0, 1], default=1,
                         help="on the GPU, TF32 tensor cores for the matmuls (0: full fp32), as train_gpt2.py")
-    return parser.parse_args(argv)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16 (GPU only): bfloat16 activations and matmuls, as train_gpt2.py; sets llm.c's bf16 "
+                             "tolerances as the defaults")
+    args = parser.parse_args(argv)
+    for name, default in TOLERANCES[args.dtype].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
 
 
 def main(args):
-    tg.use_device(args.device, tf32=bool(args.tf32))
+    tg.use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype)
     print(f"device: {tg.describe_device()}")
     model = tg.gpt2_build_from_checkpoint(args.checkpoint, hint=CHECKPOINT_HINT)
     c = model.config
@@ -166,8 +195,10 @@ def main(args):
             allok &= loss_ok
             grad_margins, grad_rel = {}, {}
             for name in model.grads:
-                ok, grad_margins[name], grad_rel[name] = check_tensor(model.grads[name], expected_grads[name],
-                                                                      f"d{name}", args.grad_tol, args.rel_tol)
+                tol = LLMC_BF16_GRAD_TOLS[name] if args.grad_tol is None else args.grad_tol
+                ok, grad_margins[name], grad_rel[name] = check_tensor(
+                    model.grads[name], expected_grads[name], f"d{name}", tol, args.rel_tol,
+                    epsilon=BF16_EPSILON if args.dtype == "bf16" else 0.0)
                 allok &= ok
             worst = max(grad_margins, key=grad_margins.get)
             margins["grads"] = grad_margins[worst]
@@ -181,9 +212,11 @@ def main(args):
         allok &= step_ok
         print(f"step {step}: loss {loss:f} (took {(t1 - t0) * 1000:f} ms) OK = {int(step_ok)}")
 
+    grad_tol = (f"tol llm.c's bf16 {LLMC_BF16_GRAD_TOLS[worst]:g} + {BF16_EPSILON} |ref|" if args.grad_tol is None
+                else f"tol {args.grad_tol:g}" + (f" + {BF16_EPSILON} |ref|" if args.dtype == "bf16" else ""))
     print(f"max abs differences: logits {margins['logits']:.2e} (tol {args.logits_tol:g}), "
           f"loss {margins['loss']:.2e} (tol {args.loss_tol:g}), "
-          f"gradients {margins['grads']:.2e} in d{worst} (tol {args.grad_tol:g}), "
+          f"gradients {margins['grads']:.2e} in d{worst} ({grad_tol}), "
           f"step losses {margins['step losses']:.2e} (tol {args.loss_tol:g})")
     print(f"norm-wise relative errors ||ours - PyTorch|| / ||PyTorch|| per tensor: logits {rel_errors['logits']:.2e}, "
           f"gradients {rel_errors['grads']:.2e} in d{worst_rel} (tol {args.rel_tol:g})")

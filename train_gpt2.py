@@ -17,7 +17,8 @@ What is added beyond llm.c's CPU loop comes after its core, each part in its own
 with a KV cache, the training options of llm.c's GPU trainer (gradient accumulation, clipping, a
 learning-rate schedule, a loss log), checkpoints with exact resume, running on a GPU, and argument
 parsing; main calls distributed.py at its edges to train on several processes. The defaults are
-llm.c's. Everything is float32, like the checkpoint; the files are llm.c's formats, byte for byte.
+llm.c's. Everything is float32, like the checkpoint (on a GPU, --dtype bf16 computes in bfloat16
+over float32 weights: "mixed precision", near the end); the files are llm.c's formats, byte for byte.
 """
 
 import argparse
@@ -41,6 +42,9 @@ import distributed  # beside this file: several processes under mpiexec (it impo
 # below is written against xp, so the same lines of math run on both. Files are read and written
 # with NumPy on the host whatever the device.
 xp = np
+# The dtype of the activations, and of the weights the layers compute with: float32, or bfloat16 on a
+# GPU with --dtype bf16 (llm.c's name for it; see "mixed precision" near the end). Chosen by use_device.
+floatX = np.float32
 
 # ----------------------------------------------------------------------------
 # all the individual layers' forward and backward passes
@@ -64,6 +68,7 @@ def encoder_backward(dout, cache, dwte, dwpe):
     # the classifier, whose matmul_backward has already written its part of the gradient there.
     inp = cache
     T = inp.shape[1]
+    dout = dout.astype(dwte.dtype, copy=False)  # (with --dtype bf16: the gradients of parameters are float32)
     # a token id can repeat in a batch: xp.add.at adds every occurrence, dwte[inp] += dout would not
     xp.add.at(dwte, inp, dout)  # (Vp,C)
     dwpe[:T] = dout.sum(axis=0)  # (T,C): each position's gradient, summed over the batch
@@ -290,11 +295,27 @@ class GPT2:
         # NumPy array to the GPU when xp is CuPy, and is a no-op when xp is NumPy
         self.params_memory = xp.asarray(params_memory)
         self.params = point_parameters(self.params_memory, config)
+        self.weights_memory = self.weights = None  # what the layers compute with: params, or a bfloat16 copy
+        copy_weights(self)
         self.grads_memory = None  # allocated on the first backward pass
         self.grads = None
         self.m_memory = None  # AdamW's first and second moments, allocated on the first update
         self.v_memory = None
         self.acts = None  # what the last forward pass saved for the backward pass
+
+
+def copy_weights(model):
+    # the weights the forward and backward passes read: the parameters themselves when they compute in
+    # float32, else (--dtype bf16) a copy of all of them in floatX, each rounded to the nearest value,
+    # made again after every update (gpt2_update calls this). Where the parameters change in any other
+    # way, call it too.
+    if floatX == np.float32:  # (the parameters' own dtype: float64 too, as the gradient checks use)
+        model.weights_memory, model.weights = model.params_memory, model.params
+        return
+    if getattr(model, "weights_memory", None) is None or model.weights_memory.dtype != floatX:
+        model.weights_memory = xp.empty(model.params_memory.shape, dtype=floatX)
+        model.weights = point_parameters(model.weights_memory, model.config)
+    model.weights_memory[...] = model.params_memory  # (a cast: float32 to floatX)
 
 
 class InputError(Exception):
@@ -393,7 +414,7 @@ def gpt2_build_from_random(depth, seed):
 def gpt2_forward(model, inputs, targets=None):
     # inputs and targets are (B,T) token ids, T at most max_seq_len; returns the mean loss (None
     # without targets) and saves every layer's cache in model.acts for gpt2_backward
-    p, L, NH, V = model.params, model.config.num_layers, model.config.num_heads, model.config.vocab_size
+    p, L, NH, V = model.weights, model.config.num_layers, model.config.num_heads, model.config.vocab_size
     model.acts = None  # let go of the previous pass's activations before making new ones
     inputs = xp.asarray(inputs)  # token ids come from the host: to the device
     residual, encoder_cache = encoder_forward(inputs, p["wte"], p["wpe"])  # (B,T,C)
@@ -552,13 +573,14 @@ def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, decaye
     memories = (model.params_memory, model.grads_memory, model.m_memory, model.v_memory)
     if decayed is None:  # as llm.c: one loop over all the parameters, in their flat arrays
         adamw(*memories, learning_rate, beta1, beta2, eps, weight_decay, t)
-        return
-    offset = 0  # else tensor by tensor, each a slice of the flat arrays
-    for name, shape in parameter_shapes(model.config).items():
-        part = slice(offset, offset + math.prod(shape))
-        offset = part.stop
-        wd = weight_decay if name in decayed else 0.0
-        adamw(*(memory[part] for memory in memories), learning_rate, beta1, beta2, eps, wd, t)
+    else:  # tensor by tensor, each a slice of the flat arrays
+        offset = 0
+        for name, shape in parameter_shapes(model.config).items():
+            part = slice(offset, offset + math.prod(shape))
+            offset = part.stop
+            wd = weight_decay if name in decayed else 0.0
+            adamw(*(memory[part] for memory in memories), learning_rate, beta1, beta2, eps, wd, t)
+    copy_weights(model)  # (--dtype bf16: the new weights' bfloat16 copy)
 
 
 @contextlib.contextmanager
@@ -775,6 +797,7 @@ def attention_forward_cached(qkv, kv_cache, pos, NH):
 def gpt2_forward_cached(model, token, pos, kv_cache):
     # gpt2_forward for the single token at position pos, using and filling kv_cache (L,2,NH,maxlen,hs);
     # returns the logits (Vp,) of the next token. Inference only: nothing is kept for a backward pass.
+    # It computes with the float32 parameters whatever --dtype is: one row at a time is fast in float32.
     p, NH = model.params, model.config.num_heads
     residual, _ = encoder_forward(xp.asarray([[token]]), p["wte"], p["wpe"][pos:pos + 1])  # (1,1,C)
     for l in range(model.config.num_layers):
@@ -945,14 +968,41 @@ PLAIN_LAYERS = {name: globals()[name] for name in (
     "attention_forward_cached", "adamw")}
 CUPY_INSTALL = "pip install cupy-cuda12x (for a CUDA 12 driver) or cupy-cuda13x (CUDA 13); nvidia-smi shows the driver's"
 
+# Mixed precision (--dtype bf16, on a GPU), as llm.c's train_gpt2.cu does it:
+# - The parameters stay float32: the master weights, what AdamW updates (its two moments float32 too)
+#   and what checkpoints hold. After each update they are copied to bfloat16 (copy_weights), rounded
+#   to nearest, and the forward and backward passes read only that copy: half the bytes to move.
+# - Activations and their gradients are bfloat16 in memory. Each fused kernel reads bfloat16, computes
+#   in float32 and rounds once when it stores. Matrix products multiply bfloat16 on the tensor cores
+#   (twice TF32's rate) and add their products in float32.
+# - Kept in float32, where bfloat16's 8 bits of mantissa (2 to 3 decimal digits) would hurt: LayerNorm's
+#   mean and rstd, attention's scores q @ k^T before the softmax, the probabilities, the loss.
+# - The gradients of the parameters are float32 (llm.c keeps them in bfloat16). cuBLAS writes the
+#   float32 sums of the weight gradients' products as they are, so this costs no pass of its own, and
+#   with float32 gradients everything after the backward pass is unchanged: accumulation over
+#   --grad-accum batches (bfloat16 would round away small contributions to a large sum), the gradient
+#   norm and clipping, the average over processes, AdamW. The price is their memory, 2 bytes a
+#   parameter more (250 MB for GPT-2 124M), next to activations of several GB.
+# - No loss scaling: bfloat16 has float32's exponent range, so small gradients do not underflow as they
+#   would in float16. A loss that is not finite still stops the run before the update.
+# - Sampling computes with the float32 parameters (one row at a time, where bfloat16 would gain nothing).
 
-def use_device(device, tf32=True, fused=True):
+
+def use_device(device, tf32=True, fused=True, dtype="fp32"):
     # choose the array module, once, before any model is built: "cpu" (NumPy) or "cuda" (CuPy).
     # On the GPU, matmuls use TF32 tensor cores unless tf32 is False (as llm.c's CUDA trainers do),
     # and the fused kernels of cuda_layers.py take the place of the plain layers unless fused is False.
-    global xp
+    # dtype "bf16" (GPU and fused kernels only): bfloat16 activations over float32 parameters.
+    global xp, floatX
+    if dtype not in ("fp32", "bf16"):
+        raise InputError(f"--dtype {dtype}: expected fp32 or bf16")
+    if dtype == "bf16" and device != "cuda":
+        raise InputError("--dtype bf16 needs --device cuda: bfloat16 pays on a GPU's tensor cores, while NumPy "
+                         "has no fast bfloat16 matrix product (on the CPU, use --dtype fp32)")
+    if dtype == "bf16" and not fused:
+        raise InputError("--dtype bf16 runs on the fused GPU kernels only: the plain layers are the float32 reference")
     if device == "cpu":
-        xp = np
+        xp, floatX = np, np.float32
         globals().update(PLAIN_LAYERS)
         return
     try:
@@ -968,8 +1018,20 @@ def use_device(device, tf32=True, fused=True):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--device cuda: CuPy {cupy.__version__} cannot use a GPU here ({reason}); "
                          f"check the GPU with nvidia-smi, and that CuPy matches its driver: {CUPY_INSTALL}") from None
+    floatX = np.float32
+    if dtype == "bf16":
+        try:
+            from ml_dtypes import bfloat16  # the bfloat16 dtype that CuPy uses (CuPy 14 and later)
+        except ImportError:
+            raise InputError("--dtype bf16 needs the ml_dtypes package, which gives CuPy its bfloat16 dtype: "
+                             "pip install ml_dtypes (and CuPy 14 or later)") from None
+        if int(cupy.cuda.Device().compute_capability) < 80:
+            raise InputError(f"--dtype bf16 needs a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, "
+                             f"or later); this one is {cupy.cuda.Device().compute_capability}: use --dtype fp32")
+        floatX = bfloat16
     import cuda_layers  # beside this file
     cuda_layers.set_tf32(tf32)
+    cuda_layers.set_dtype(floatX)
     xp = cupy
     # (the plain layers' AdamW for a GPU is adamw_plain: adamw_threaded is NumPy's, for CPU cores)
     globals().update(cuda_layers.FUSED_LAYERS if fused else dict(PLAIN_LAYERS, adamw=adamw_plain))
@@ -981,7 +1043,11 @@ def describe_device():
         return f"cpu: NumPy {np.__version__}, {usable_cpus()} cores"
     import cuda_layers
     fused = "fused kernels" if attention_forward is not PLAIN_LAYERS["attention_forward"] else "plain layers"
-    return f"cuda: {cuda_layers.device_description()}; {fused}"
+    if floatX != np.float32:
+        precision = "bf16 activations and matmuls, fp32 parameters and gradients"
+    else:
+        precision = "fp32, TF32 matmuls" if cuda_layers.tf32_enabled() else "fp32, fp32 matmuls"
+    return f"cuda: {cuda_layers.device_description()}; {fused}; {precision}"
 
 
 def available_memory():
@@ -998,15 +1064,18 @@ def available_memory():
 
 
 def training_memory(config, B, T):
-    # about how many bytes a training step needs: the model's four arrays (weights, gradients and
-    # AdamW's two moments), what gpt2_forward keeps of each layer for the backward pass (17 arrays
-    # the size of (B,T,C) and attention's (B,NH,T,T), which the fused GPU attention recomputes
-    # instead of keeping: it only needs two at a time), and the logits, probabilities and their
-    # gradient (B,T,Vp), the largest of all for GPT-2's 50,257 tokens.
+    # about how many bytes a training step needs: the model's four float32 arrays (parameters,
+    # gradients and AdamW's two moments; with bf16, the weights' copy too), what gpt2_forward keeps of
+    # each layer for the backward pass (17 arrays the size of (B,T,C) and attention's (B,NH,T,T),
+    # which the fused GPU attention recomputes instead of keeping: it only needs two at a time), and
+    # the logits, probabilities and their gradient (B,T,Vp), the largest of all for GPT-2's 50,257 tokens.
     C, L, NH, Vp = config.channels, config.num_layers, config.num_heads, config.padded_vocab_size
+    x = np.dtype(floatX).itemsize  # bytes per activation: 4, or 2 with --dtype bf16
     kept_attention = L if attention_forward is PLAIN_LAYERS["attention_forward"] else 2
-    floats = 4 * num_parameters(config) + L * 17 * B * T * C + kept_attention * B * NH * T * T + 3 * B * T * Vp
-    return 4 * floats
+    weights = 4 * 4 * num_parameters(config) + (x * num_parameters(config) if x != 4 else 0)
+    activations = x * L * 17 * B * T * C + 4 * kept_attention * B * NH * T * T
+    logits = (3 * 4 if x == 4 else 4 + 2 * x) * B * T * Vp  # (bf16: logits and dlogits bf16, probabilities fp32)
+    return weights + activations + logits
 
 
 # ----------------------------------------------------------------------------
@@ -1069,6 +1138,9 @@ def parse_args(argv=None):
                        help="where to compute: cpu (NumPy) or cuda (CuPy, an optional dependency: " + CUPY_INSTALL + ")")
     group.add_argument("--tf32", type=int, choices=[0, 1], default=1,
                        help="on the GPU, TF32 tensor cores for the matmuls (0: full fp32), as llm.c's CUDA trainers")
+    group.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16 (GPU only): bfloat16 activations and matmuls over float32 parameters, gradients "
+                            "and checkpoints, as llm.c's train_gpt2.cu")
     args = parser.parse_args(argv)
     for name in ("batch_size", "seq_len", "val_batches", "gen_tokens", "grad_accum", "temperature"):
         if getattr(args, name) <= 0:
@@ -1204,7 +1276,7 @@ def main(args):
     # share of the cores before any array is made, and only rank 0 prints (see distributed.py)
     procs = distributed.init(args.device)
     keep_freed_memory()
-    use_device(args.device, tf32=bool(args.tf32))
+    use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype)
     print(f"device: {describe_device()}")
     B, T = args.batch_size, args.seq_len
     if args.resume:
