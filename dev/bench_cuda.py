@@ -5,6 +5,8 @@ on an NVIDIA GPU through CuPy, next to eager PyTorch on the same GPU, the same w
     python dev/bench.py --device cuda                  # GPT-2 124M (d12), B=8, T=1024, TF32
     python dev/bench.py --device cuda --no-tf32        # ours in full fp32 matmuls
     python dev/bench.py --device cuda --steps 20 --warmup 5 --torch-variants tf32-sdpa
+    python dev/bench.py --device cuda --dtype bf16     # mixed precision, against PyTorch bf16 autocast + SDPA
+    python dev/bench.py --device cuda --dtype bf16 --find-max-batch   # the largest B that fits, tokens/s at each
 
 What it prints:
 - the GPU (train_gpt2's describe_device() and PyTorch's name for it), PyTorch's version, its
@@ -17,6 +19,8 @@ What it prints:
     fp32-manual  fp32 matmuls (TF32 off), attention written out: softmax(q k^T / sqrt(hs)) v, masked
     tf32-manual  TF32 matmuls, attention written out
     fp32-sdpa    fp32 matmuls, scaled_dot_product_attention (not run unless asked for)
+    bf16-sdpa    torch.autocast(bfloat16) around the forward pass, SDPA: PyTorch's mixed precision, float32
+                 parameters and gradients (the yardstick of --dtype bf16, its default variant)
 - sampling: tokens/s at batch 1 from <|endoftext|> with the KV cache (train_gpt2.gpt2_generate);
 - where our step's time goes: every layer function of train_gpt2 is wrapped with the GPU
   synchronized before and after it, so each layer's time is its own, kernels and launches alike
@@ -51,7 +55,11 @@ MFU, as llm.c's train_gpt2.cu estimates it (gpt2_estimate_mfu): 6 N + 6 L C T FL
 all parameters (the padded wte included), against the GPU's dense TF32 tensor-core peak from llm.c's
 llmc/mfu.h (for an H100 SXM, "NVIDIA H100 80GB HBM3": 378 TFLOP/s * 528/456 cores * 1830/1620 MHz
 = 494 TFLOP/s), the figure llm.c uses for its fp32 (TF32) trainer, so it is the same yardstick for the
-fp32 runs too. --peak-tflops sets it for a GPU not in the table.
+fp32 runs too; with --dtype bf16, against the dense bf16 peak, as llm.c's bf16 trainer (twice TF32's:
+989 TFLOP/s for that H100). --peak-tflops sets it for a GPU not in the table.
+
+--find-max-batch: instead of the comparison, ours alone at B = 8, 16, 24, ... (at -t T) until CuPy
+runs out of GPU memory: ms/step (median of 3 after 1 warm-up step), tokens/s and peak memory at each.
 
 The PyTorch model is nanoGPT's (nn.Linear, nn.LayerNorm, GELU tanh, the classifier tied to wte, vocab
 50257 as llm.c's PyTorch reference trains it; --torch-padded-vocab gives it nanoGPT's padded 50304
@@ -88,14 +96,16 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt2 as tg  # noqa: E402
 
-# name: (label, TF32 matmuls, scaled_dot_product_attention)
+# name: (label, TF32 matmuls, scaled_dot_product_attention, bf16 autocast)
 TORCH_VARIANTS = {
-    "tf32-sdpa": ("TF32, SDPA", True, True),
-    "fp32-manual": ("fp32, attention written out", False, False),
-    "tf32-manual": ("TF32, attention written out", True, False),
-    "fp32-sdpa": ("fp32, SDPA", False, True),
+    "tf32-sdpa": ("TF32, SDPA", True, True, False),
+    "fp32-manual": ("fp32, attention written out", False, False, False),
+    "tf32-manual": ("TF32, attention written out", True, False, False),
+    "fp32-sdpa": ("fp32, SDPA", False, True, False),
+    "bf16-sdpa": ("bf16 autocast, SDPA", True, True, True),
 }
-DEFAULT_VARIANTS = "tf32-sdpa,fp32-manual,tf32-manual"
+DEFAULT_VARIANTS = {"fp32": "tf32-sdpa,fp32-manual,tf32-manual", "bf16": "bf16-sdpa"}
+TARGETS = {"tf32-sdpa": "issue 9's target: 0.80 or less", "bf16-sdpa": "issue 10's bar: 1.00 or less"}
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY = 1e-4, 0.9, 0.999, 1e-8, 0.0  # the same AdamW for both
 
 
@@ -104,19 +114,25 @@ def add_arguments(parser):
     group = parser.add_argument_group("with --device cuda (dev/bench_cuda.py)")
     group.add_argument("--no-tf32", action="store_true", help="ours with full fp32 matmuls (default: TF32 tensor cores)")
     group.add_argument("--no-fused", action="store_true", help="ours with the plain layers only, no fused GPU kernels")
+    group.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                       help="ours in fp32 (TF32 matmuls unless --no-tf32) or bf16 mixed precision (train_gpt2.py --dtype)")
+    group.add_argument("--find-max-batch", action="store_true",
+                       help="ours alone at B = 8, 16, 24, ... until the GPU's memory runs out: tokens/s at each")
     group.add_argument("--torch-variants", default=None, metavar="LIST",
-                       help=f"comma-separated, of {', '.join(TORCH_VARIANTS)} (default {DEFAULT_VARIANTS})")
+                       help=f"comma-separated, of {', '.join(TORCH_VARIANTS)} (default {DEFAULT_VARIANTS['fp32']}; "
+                            f"with --dtype bf16, {DEFAULT_VARIANTS['bf16']})")
     group.add_argument("--torch-padded-vocab", action="store_true",
                        help="PyTorch's wte and logits with the padded vocab (50304 rows, as nanoGPT trains from scratch)")
     group.add_argument("--gen-tokens", type=int, default=None, help="tokens to sample for the sampling speed (default 128)")
     group.add_argument("--peak-tflops", type=float, default=None,
-                       help="the GPU's dense TF32 peak for MFU, where llm.c's table doesn't know the GPU")
+                       help="the GPU's dense TF32 (bf16 with --dtype bf16) peak for MFU, where llm.c's table doesn't know the GPU")
     group.add_argument("--simulate-cpu", action="store_true", help=argparse.SUPPRESS)  # the same code on the CPU, for testing
-    return ("no_tf32", "no_fused", "torch_variants", "torch_padded_vocab", "gen_tokens", "peak_tflops", "simulate_cpu")
+    return ("no_tf32", "no_fused", "dtype", "find_max_batch", "torch_variants", "torch_padded_vocab", "gen_tokens",
+            "peak_tflops", "simulate_cpu")
 
 
 # ----------------------------------------------------------------------------
-# MFU: llm.c's llmc/mfu.h, its dense TF32 column (the one its fp32 trainer uses)
+# MFU: llm.c's llmc/mfu.h, its dense TF32 column (the one its fp32 trainer uses) and its bf16 column
 
 # (TF32 TFLOP/s, tensor cores, MHz) of a reference GPU of each architecture, from NVIDIA's whitepapers
 VOLTA, AMPERE_DATACENTER, AMPERE_CONSUMER = (125.0, 640, 1530), (156.0, 432, 1410), (40.0, 336, 1860)
@@ -145,13 +161,16 @@ GPU_TABLE = {  # name as the driver reports it: (architecture, tensor cores, MHz
 }
 
 
-def peak_tflops(gpu_name):
-    # llm.c's get_flops_promised for its fp32 (TF32) mode: the architecture's figure, scaled by
-    # this GPU's tensor cores and clock; None for a GPU not in the table
+def peak_tflops(gpu_name, dtype="fp32"):
+    # llm.c's get_flops_promised for its fp32 (TF32) mode, or its bf16 mode: the architecture's
+    # figure, scaled by this GPU's tensor cores and clock; None for a GPU not in the table. In llm.c's
+    # table the dense bf16 figure is twice the TF32 one for every architecture that has bf16 (Volta has not).
     if gpu_name not in GPU_TABLE:
         return None
     (tf32, cores, mhz), new_cores, new_mhz = GPU_TABLE[gpu_name]
-    return tf32 * (new_cores / cores) * (new_mhz / mhz)
+    if dtype == "bf16" and cores == VOLTA[1] and mhz == VOLTA[2]:
+        return None
+    return tf32 * (2 if dtype == "bf16" else 1) * (new_cores / cores) * (new_mhz / mhz)
 
 
 def flops_per_step(config, B, T):
@@ -173,7 +192,7 @@ class Device:
             self.sync = lambda: None
             self.gpu_name = "cpu (simulated)"
             return
-        tg.use_device("cuda", tf32=not args.no_tf32, fused=not args.no_fused)  # raises InputError, one line
+        tg.use_device("cuda", tf32=not args.no_tf32, fused=not args.no_fused, dtype=args.dtype)  # raises InputError, one line
         import cupy
         self.cupy = cupy
         self.sync = cupy.cuda.Device().synchronize
@@ -425,13 +444,13 @@ def torch_worker(argv):
     GPT = torch_model_class()
     systems = {}
     for name in args.variants.split(","):
-        _, tf32, sdpa = TORCH_VARIANTS[name]
+        _, tf32, sdpa, bf16 = TORCH_VARIANTS[name]
         with torch.device(device):
             gpt = GPT(Vp if args.padded_vocab else V, maxT, L, NH, C, sdpa)
         load_llmc_params(gpt, params)  # copies from the host arrays onto the device
         optimizer = torch.optim.AdamW(gpt.parameters(), lr=LR, betas=(BETA1, BETA2), eps=EPS,
                                       weight_decay=WEIGHT_DECAY, foreach=True, fused=False)
-        systems[name] = (gpt, optimizer, tf32)
+        systems[name] = (gpt, optimizer, tf32, bf16)
     del state, params
 
     # which kernel scaled_dot_product_attention picks for this step's shapes (a private PyTorch call)
@@ -454,7 +473,7 @@ def torch_worker(argv):
     for line in sys.stdin:
         if line.split()[0] == "quit":
             break
-        gpt, optimizer, tf32 = systems[line.split()[1]]
+        gpt, optimizer, tf32, bf16 = systems[line.split()[1]]
         set_tf32(torch, tf32)
         if cuda:
             sync()
@@ -463,7 +482,9 @@ def torch_worker(argv):
         sync()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = gpt(x, y)
+        # (bf16: autocast runs the matmuls and SDPA in bf16, keeps LayerNorm and the loss in float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = gpt(x, y)
         loss.backward()
         optimizer.step()
         sync()
@@ -486,7 +507,7 @@ def main(args, LayerTimer):
         device = Device(args)
     except tg.InputError as e:
         sys.exit(f"error: {e}")
-    variants = (args.torch_variants or DEFAULT_VARIANTS).split(",")
+    variants = (args.torch_variants or DEFAULT_VARIANTS[args.dtype]).split(",")
     for v in variants:
         if v not in TORCH_VARIANTS:
             sys.exit(f"error: --torch-variants: unknown variant {v!r}, expected some of {', '.join(TORCH_VARIANTS)}")
@@ -498,6 +519,8 @@ def main(args, LayerTimer):
     B, T, num_tokens = args.batch_size, args.seq_len, args.gen_tokens or 128
     tf32 = not args.no_tf32
     print(f"device: {device.describe()}", flush=True)
+    if args.find_max_batch:
+        return find_max_batch(args, device)
 
     model = tg.gpt2_build_from_random(args.depth, seed=0)
     config = model.config
@@ -514,7 +537,8 @@ def main(args, LayerTimer):
         print(f"pytorch: {i['torch']} (CUDA {i['cuda']}) on {i['gpu']}, in a process of its own; "
               f"AdamW foreach=True (PyTorch's default on CUDA), not fused; SDPA picks {i['sdpa_kernel']}", flush=True)
 
-    ours = f"ours (CuPy, {'TF32' if tf32 else 'fp32'}, {'plain layers' if args.no_fused else 'fused kernels'})"
+    precision = "bf16" if args.dtype == "bf16" else "TF32" if tf32 else "fp32"
+    ours = f"ours (CuPy, {precision}, {'plain layers' if args.no_fused else 'fused kernels'})"
     if device.simulated:
         ours = "ours (NumPy, simulated)"
     print(f"\nGPT-2 {args.depth} ({tg.num_parameters(config) / 1e6:.2f}M parameters), B={B}, T={T}, batch: {batch}\n"
@@ -545,10 +569,10 @@ def main(args, LayerTimer):
     if worker is not None:
         held["pytorch (all variants)"] = worker.close().get("reserved")
 
-    peak = args.peak_tflops or peak_tflops(device.gpu_name)
+    peak = args.peak_tflops or peak_tflops(device.gpu_name, args.dtype)
     flops = flops_per_step(config, B, T)
     print(f"MFU: llm.c's estimate, (6N + 6LCT) x B x T = {flops / 1e12:.3f} TFLOP per step, "
-          + (f"against {peak:.1f} TFLOP/s, {device.gpu_name}'s dense TF32 peak"
+          + (f"against {peak:.1f} TFLOP/s, {device.gpu_name}'s dense {'bf16' if args.dtype == 'bf16' else 'TF32'} peak"
              + (" (--peak-tflops)" if args.peak_tflops else " (llm.c's llmc/mfu.h)") if peak else
              f"n/a: {device.gpu_name} is not in llm.c's table of peak figures (give one with --peak-tflops)"))
     medians = {name: statistics.median(t) for name, t in times.items() if t}
@@ -563,8 +587,9 @@ def main(args, LayerTimer):
         print("  time of ours / that of pytorch (below 1: ours is faster):")
         for name, median in medians.items():
             if name != ours:
+                target = next((t for v, t in TARGETS.items() if name.endswith(TORCH_VARIANTS[v][0])), None)
                 print(f"    {name.removeprefix('pytorch eager, '):<40} {medians[ours] / median:5.2f}"
-                      + ("  (issue 9's target: 0.80 or less)" if name.endswith(TORCH_VARIANTS["tf32-sdpa"][0]) else ""))
+                      + (f"  ({target})" if target else ""))
     print("  memory the pools hold at the end: " + ", ".join(f"{k.split(' (')[0]} {gb(v)}" for k, v in held.items()))
 
     seconds = sampling(device, model, num_tokens)
@@ -576,6 +601,35 @@ def main(args, LayerTimer):
           f"{step_time * 1e3:.1f} ms per step with the timers on, {medians.get(ours, float('nan')) * 1e3:.1f} without):")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<36} {t * 1e3:8.2f} ms  {100 * t / step_time:5.1f}%")
+
+
+def find_max_batch(args, device):
+    # ours alone, B = 8, 16, 24, ... at T until a step runs out of GPU memory
+    T = args.seq_len
+    model = tg.gpt2_build_from_random(args.depth, seed=0)
+    peak = args.peak_tflops or peak_tflops(device.gpu_name, args.dtype)
+    print(f"\nGPT-2 {args.depth}, T={T}, {args.dtype}: the largest batch that fits (median of 3 steps after 1 warm-up)")
+    print(f"  {'B':>4} {'ms/step':>9} {'tokens/s':>9} {'MFU':>6} {'peak mem':>9}")
+    out_of_memory = (MemoryError,) if device.simulated else (MemoryError, device.cupy.cuda.memory.OutOfMemoryError)
+    B = 8
+    while True:
+        try:
+            x, y, _ = load_batch(args, model.config, B, T)
+            our_step(model, x, y, 0)
+            seconds = statistics.median(timed(device.sync, our_step, model, x, y, step)[0] for step in range(1, 4))
+            peak_memory = device.peak_memory_of(lambda: our_step(model, x, y, 4))
+        except out_of_memory:
+            print(f"  {B:>4}  out of memory")
+            return
+        finally:
+            model.acts = None
+            if not device.simulated:
+                device.cupy.get_default_memory_pool().free_all_blocks()
+        mfu = f"{100 * flops_per_step(model.config, B, T) / seconds / (peak * 1e12):5.1f}%" if peak else "n/a"
+        print(f"  {B:>4} {seconds * 1e3:9.1f} {B * T / seconds:9.0f} {mfu:>6} {gb(peak_memory):>9}", flush=True)
+        B += 8
+        if device.simulated and B > 16:  # (the CPU would take long to fill its memory)
+            return
 
 
 if __name__ == "__main__":

@@ -205,3 +205,20 @@ def test_device_cuda_without_cupy_or_gpu_is_one_line(tmp_path):
     for script in ("train_gpt2.py", "test_gpt2.py"):
         result = run(script, "--device", "cuda", "--checkpoint", MODEL, cwd=tmp_path)
         assert_one_error_line(result, "--device cuda", "cupy-cuda12x")
+
+
+def test_bf16_on_the_cpu_is_one_line(tmp_path):
+    # mixed precision is for the GPU: on the CPU, --dtype bf16 stops before any work, in both scripts
+    for script in ("train_gpt2.py", "test_gpt2.py"):
+        result = run(script, "--dtype", "bf16", "--checkpoint", MODEL, cwd=tmp_path)
+        assert_one_error_line(result, "--dtype bf16", "--device cuda")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_is_refused_by_the_plain_layers():
+    # the plain layers are the float32 reference: bf16 runs on the fused kernels only (and never on NumPy)
+    with pytest.raises(tg.InputError, match="fused"):
+        tg.use_device("cuda", fused=False, dtype="bf16")
+    with pytest.raises(tg.InputError, match="--device cuda"):
+        tg.use_device("cpu", dtype="bf16")
+    assert tg.xp is np and tg.floatX is np.float32

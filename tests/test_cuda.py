@@ -141,3 +141,74 @@ def test_checkpoint_bytes_are_the_same_from_either_device(tmp_path):
     finally:
         tg.use_device("cpu")
     assert (tmp_path / "cpu.bin").read_bytes() == (tmp_path / "gpu.bin").read_bytes() == open(MODEL, "rb").read()
+
+
+# ----------------------------------------------------------------------------
+# mixed precision (--dtype bf16)
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
+bf16_only = pytest.mark.skipif(ml_dtypes is None or (GPU and int(cupy.cuda.Device().compute_capability) < 80),
+                               reason="--dtype bf16 needs ml_dtypes and a GPU of compute capability 8.0 or later")
+
+
+@bf16_only
+def test_bf16_arrays_and_what_stays_float32():
+    tg.use_device("cuda", dtype="bf16")
+    try:
+        model = tg.gpt2_build_from_checkpoint(MODEL)
+        tokens = np.arange(2 * 17, dtype=np.int32).reshape(2, 17) % 777
+        tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:])
+        logits, probs = model.acts["logits"], model.acts["probs"]
+        tg.gpt2_backward(model)
+        before = model.weights_memory.copy()
+        tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+        # master weights, gradients, AdamW's moments and the probabilities: float32; the rest bfloat16
+        for array in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory, probs):
+            assert array.dtype == np.float32
+        for array in (model.weights_memory, logits):
+            assert array.dtype == ml_dtypes.bfloat16
+        # the update made a new bfloat16 copy of the new weights, each rounded to nearest
+        assert not bool((model.weights_memory.view(np.uint16) == before.view(np.uint16)).all())
+        expected = tg.to_host(model.params_memory).astype(ml_dtypes.bfloat16)
+        assert (tg.to_host(model.weights_memory).view(np.uint16) == expected.view(np.uint16)).all()
+        assert "bf16" in tg.describe_device()
+    finally:
+        tg.use_device("cpu")
+
+
+@bf16_only
+def test_bf16_training_steps_track_the_cpu():
+    # bfloat16 keeps 8 bits of mantissa: the losses of 3 steps within 0.5% of float32's, the first
+    # step's gradients within 5% (norm-wise); measured in a simulation 0.1% and 1.4%
+    cpu_losses, cpu_grads = steps(None)
+    bf16_losses, bf16_grads = steps(dict(dtype="bf16"))
+    np.testing.assert_allclose(bf16_losses, cpu_losses, rtol=5e-3)
+    assert np.linalg.norm(bf16_grads - cpu_grads) <= 5e-2 * np.linalg.norm(cpu_grads)
+
+
+@bf16_only
+def test_test_gpt2_bf16():
+    # llm.c's bf16 tolerances (the defaults), and a relative error of at most 3% for every tensor
+    result = run("test_gpt2.py", "--device", "cuda", "--dtype", "bf16", *FIXTURE_ARGS, "--rel-tol", "3e-2")
+    assert result.returncode == 0 and "overall okay: 1" in result.stdout, result.stdout[-3000:] + result.stderr
+    assert "bf16" in result.stdout.splitlines()[0]
+
+
+@bf16_only
+def test_bf16_run_resumes_and_its_checkpoints_load_on_the_cpu(tmp_path, data):
+    full = train(tmp_path, data, "cuda", "--dtype", "bf16", "--steps", "8")
+    run_dir = str(tmp_path / "run_bf16")
+    train(tmp_path, data, "cuda", "--dtype", "bf16", "--steps", "4", "--output-dir", run_dir)
+    resumed = train(tmp_path, data, "cuda", "--dtype", "bf16", "--steps", "8", "--resume", run_dir)
+    assert "after 4 steps" in resumed
+    # (not bit for bit: the encoder's backward adds the gradients of repeated tokens with atomics,
+    # in an order that varies from run to run, as in the fp32 runs above)
+    np.testing.assert_allclose(losses(resumed), losses(full)[-len(losses(resumed)):], rtol=1e-5, atol=2e-6)
+    # the checkpoints hold the float32 master weights: the CPU reads them, and continues the run
+    model = tg.gpt2_build_from_checkpoint(os.path.join(run_dir, "model_8.bin"))
+    assert model.params_memory.dtype == np.float32
+    on_cpu = train(tmp_path, data, "cpu", "--steps", "10", "--resume", run_dir)
+    assert "after 8 steps" in on_cpu and "step 9:" in on_cpu
