@@ -188,6 +188,64 @@ def _kernel(source, name, dtype):
 
 
 # ----------------------------------------------------------------------------
+# Encoder backward
+# plain layer: xp.add.at(dwte, inp, dout), dwpe[:T] = dout.sum(axis=0), dwpe[T:] = 0. On a GPU, CuPy's
+# add.at adds the rows of a repeated token with atomics, in whatever order the threads arrive: the
+# sum's float32 rounding, and so every later step, changes from run to run. Here the positions are
+# sorted by token first, and one block adds up each token's rows in that fixed order (llm.c's
+# deterministic encoder_backward buckets them the same way): the same bits every run, so a resumed
+# run continues exactly as the uninterrupted one would have.
+
+_ENCODER_SRC = r"""
+// dwte[tokens[r]] += sum of dout[order[j]] for j = starts[r] .. starts[r + 1] - 1: block (r, ...) takes
+// run r of the sorted positions (all those of one token), a thread per channel, adding in order
+extern "C" __global__ void encoder_backward_wte_kernel(
+        float* dwte, const floatX* dout, const long long* order, const long long* starts, const int* tokens,
+        int runs, int C) {
+    int r = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= runs || c >= C) return;
+    float sum = 0.0f;
+    for (long long j = starts[r]; j < starts[r + 1]; j++) sum += (float)dout[order[j] * C + c];
+    dwte[(long long)tokens[r] * C + c] += sum;
+}
+
+// dwpe[t, c] = sum over b of dout[b, t, c], b in order; one thread per (t, c)
+extern "C" __global__ void encoder_backward_wpe_kernel(float* dwpe, const floatX* dout, int B, int T, int C) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // t * C + c
+    if (i >= (long long)T * C) return;
+    float sum = 0.0f;
+    for (int b = 0; b < B; b++) sum += (float)dout[b * (long long)T * C + i];
+    dwpe[i] = sum;
+}
+"""
+ENCODER_THREADS = 128
+
+
+def encoder_backward(dout, cache, dwte, dwpe):
+    # replaces train_gpt2.encoder_backward: dout (B,T,C); *adds* into dwte (Vp,C), *overwrites* dwpe (maxT,C)
+    inp = cache
+    B, T = inp.shape
+    C = dout.shape[-1]
+    dout = cupy.ascontiguousarray(dout)
+    assert dwte.flags.c_contiguous and dwpe.flags.c_contiguous and dwte.dtype == dwpe.dtype == np.float32
+    # the positions sorted by (token, position): a unique key each, so every sort gives this one order
+    flat = cupy.asarray(inp).ravel().astype(cupy.int64)
+    order = cupy.argsort(flat * (B * T) + cupy.arange(B * T, dtype=cupy.int64))
+    tokens = flat[order]
+    starts = cupy.concatenate([cupy.zeros(1, dtype=cupy.int64),
+                               cupy.flatnonzero(tokens[1:] != tokens[:-1]).astype(cupy.int64) + 1,
+                               cupy.full(1, B * T, dtype=cupy.int64)])  # where each token's run begins, and the end
+    runs = starts.size - 1
+    run_tokens = cupy.ascontiguousarray(tokens[starts[:-1]].astype(cupy.int32))
+    _kernel(_ENCODER_SRC, "encoder_backward_wte_kernel", dout.dtype)(
+        (runs, _ceil_div(C, ENCODER_THREADS)), (ENCODER_THREADS,),
+        (dwte, dout, cupy.ascontiguousarray(order), starts, run_tokens, np.int32(runs), np.int32(C)))
+    _kernel(_ENCODER_SRC, "encoder_backward_wpe_kernel", dout.dtype)(
+        (_ceil_div(T * C, ENCODER_THREADS),), (ENCODER_THREADS,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
+    dwpe[T:] = 0.0  # positions beyond T were not used
+
+
+# ----------------------------------------------------------------------------
 # Matmul forward, for one row
 # plain layer: out = inp @ weight^T + bias. For a batch of rows CuPy's `@` (cuBLAS) is the fast
 # form, and it stays. Sampling with the KV cache sends one row at a time, and then the time goes to
@@ -882,6 +940,7 @@ def _cuda_version(v):
 
 # the plain layers of train_gpt2.py that these replace, by name (train_gpt2.use_device installs them)
 FUSED_LAYERS = {
+    "encoder_backward": encoder_backward,
     "matmul_forward": matmul_forward,
     "matmul_backward": matmul_backward,
     "attention_forward_cached": attention_forward_cached,

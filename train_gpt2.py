@@ -68,7 +68,6 @@ def encoder_backward(dout, cache, dwte, dwpe):
     # the classifier, whose matmul_backward has already written its part of the gradient there.
     inp = cache
     T = inp.shape[1]
-    dout = dout.astype(dwte.dtype, copy=False)  # (with --dtype bf16: the gradients of parameters are float32)
     # a token id can repeat in a batch: xp.add.at adds every occurrence, dwte[inp] += dout would not
     xp.add.at(dwte, inp, dout)  # (Vp,C)
     dwpe[:T] = dout.sum(axis=0)  # (T,C): each position's gradient, summed over the batch
@@ -963,9 +962,9 @@ def latest_checkpoint(run_dir):
 
 # the layers as written above, kept by name so that use_device can put them back
 PLAIN_LAYERS = {name: globals()[name] for name in (
-    "layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward",
-    "attention_backward", "gelu_forward", "gelu_backward", "softmax_forward", "crossentropy_softmax_backward",
-    "attention_forward_cached", "adamw")}
+    "encoder_backward", "layernorm_forward", "layernorm_backward", "matmul_forward", "matmul_backward",
+    "attention_forward", "attention_backward", "gelu_forward", "gelu_backward", "softmax_forward",
+    "crossentropy_softmax_backward", "attention_forward_cached", "adamw")}
 CUPY_INSTALL = "pip install cupy-cuda12x (for a CUDA 12 driver) or cupy-cuda13x (CUDA 13); nvidia-smi shows the driver's"
 
 # Mixed precision (--dtype bf16, on a GPU), as llm.c's train_gpt2.cu does it:

@@ -78,6 +78,46 @@ def test_the_fused_layers_stand_in_for_the_plain_ones():
 
 
 # ----------------------------------------------------------------------------
+# Encoder backward
+
+
+def encoder_case(rng, B, T, C, V, maxT):
+    # token ids with repeats (within a row and across rows), a gradient, and dwte already holding the
+    # classifier's part (the encoder adds to it)
+    inp = rng.integers(0, V, size=(B, T))
+    inp[:, ::3] = inp[0, 0]
+    dout = randn(rng, B, T, C)
+    dwte = randn(rng, V + 5, C)
+    return inp, dout, dwte, maxT
+
+
+@pytest.mark.parametrize("B, T, C, V", [(4, 37, 48, 50), (1, 1, 24, 7), (3, 64, 300, 1000)])
+def test_encoder_backward(rng, B, T, C, V):
+    inp, dout, dwte, maxT = encoder_case(rng, B, T, C, V, T + 3)
+    dwpe = np.full((maxT, C), np.nan, np.float32)
+    expected_dwte = dwte.copy()
+    plain("encoder_backward")(dout, inp, expected_dwte, dwpe)
+    grads = cupy.asarray(np.concatenate([dwte.ravel(), np.full(maxT * C, np.nan, np.float32)]))  # as grads_memory
+    dwte_gpu, dwpe_gpu = grads[:dwte.size].reshape(dwte.shape), grads[dwte.size:].reshape(maxT, C)
+    cl.encoder_backward(cupy.asarray(dout), cupy.asarray(inp), dwte_gpu, dwpe_gpu)
+    assert_close(dwte_gpu, expected_dwte)
+    assert_close(dwpe_gpu, dwpe)
+
+
+def test_encoder_backward_is_deterministic(rng):
+    # the same bits every time: the sums run in a fixed order (CuPy's add.at's atomics would not)
+    inp, dout, dwte, _ = encoder_case(rng, 8, 64, 96, 30, 64)
+    results = []
+    for _ in range(3):
+        dwte_gpu, dwpe_gpu = cupy.asarray(dwte), cupy.zeros((64, 96), dtype=cupy.float32)
+        cl.encoder_backward(cupy.asarray(dout), cupy.asarray(inp), dwte_gpu, dwpe_gpu)
+        results.append(dwte_gpu.get().view(np.uint32))
+    assert all((r == results[0]).all() for r in results)
+
+
+# ----------------------------------------------------------------------------
+# GeLU
+# ----------------------------------------------------------------------------
 # GeLU
 
 
@@ -410,6 +450,18 @@ def test_gelu_bf16(rng, B, T, C, NH):
     out_gpu, cache_gpu = cl.gelu_forward(to_gpu_bf16(inp))
     assert_close_bf16(out_gpu, out)
     assert_close_bf16(cl.gelu_backward(to_gpu_bf16(dout), cache_gpu), plain("gelu_backward")(dout.astype(np.float64), cache))
+
+
+def test_encoder_backward_bf16(rng):
+    # a bfloat16 gradient in, float32 sums into the float32 gradients of wte and wpe
+    inp, dout, dwte, maxT = encoder_case(rng, 3, 40, 48, 50, 45)
+    dout = round_bf16(dout)
+    expected_dwte, expected_dwpe = dwte.astype(np.float64), np.empty((maxT, 48))
+    plain("encoder_backward")(dout.astype(np.float64), inp, expected_dwte, expected_dwpe)
+    dwte_gpu, dwpe_gpu = cupy.asarray(dwte), cupy.zeros((maxT, 48), dtype=cupy.float32)
+    cl.encoder_backward(to_gpu_bf16(dout), cupy.asarray(inp), dwte_gpu, dwpe_gpu)
+    assert_close_bf16(dwte_gpu, expected_dwte, RTOL, np.float32)
+    assert_close_bf16(dwpe_gpu, expected_dwpe, RTOL, np.float32)
 
 
 @pytest.mark.parametrize("B, T, C", [(2, 37, 48), (4, 300, 37), (1, 1, 24)])
