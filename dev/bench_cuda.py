@@ -114,7 +114,7 @@ def add_arguments(parser):
     group = parser.add_argument_group("with --device cuda (dev/bench_cuda.py)")
     group.add_argument("--no-tf32", action="store_true", help="ours with full fp32 matmuls (default: TF32 tensor cores)")
     group.add_argument("--no-fused", action="store_true", help="ours with the plain layers only, no fused GPU kernels")
-    group.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+    group.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                        help="ours in fp32 (TF32 matmuls unless --no-tf32) or bf16 mixed precision (train_gpt2.py --dtype)")
     group.add_argument("--find-max-batch", action="store_true",
                        help="ours alone at B = 8, 16, 24, ... until the GPU's memory runs out: tokens/s at each")
@@ -503,6 +503,7 @@ def gb(n):
 def main(args, LayerTimer):
     if args.simulate_cpu and not hasattr(tg, "use_device"):
         sys.exit("error: train_gpt2.py has no use_device yet")
+    args.dtype = args.dtype or "fp32"  # (None on the command line: bench.py refuses GPU options for the CPU)
     try:
         device = Device(args)
     except tg.InputError as e:

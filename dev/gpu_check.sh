@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Everything that needs an NVIDIA GPU, in three stages that each fit in a few minutes of an H100:
+#
+#   bash dev/gpu_check.sh tests  OUT   # the GPU tests, test_gpt2.py at fp32 / TF32 / bf16 on the fixture
+#                                      # and on a GPT-2 124M-shaped reference (dev/make_reference.py)
+#   bash dev/gpu_check.sh bench  OUT   # dev/bench.py --device cuda in TF32 and in bf16 against PyTorch,
+#                                      # and the largest batch that fits at T=1024 in each
+#   bash dev/gpu_check.sh curves OUT   # GPT-2 124M from scratch on Tiny Shakespeare, fp32 (TF32) and
+#                                      # bf16, the same 400 steps: both logs, and both curves on one plot
+#
+# OUT is a folder for the logs (created). The token files are looked for in $DATA (default data/),
+# as prepro_tinyshakespeare.py writes them. Needs CuPy (and ml_dtypes for bf16); PyTorch for the
+# references and the benchmark's yardsticks; matplotlib for the plot (skipped without it).
+set -uo pipefail
+stage=${1:?usage: dev/gpu_check.sh tests|bench|curves OUT}
+out=${2:?usage: dev/gpu_check.sh tests|bench|curves OUT}
+data=${DATA:-data}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
+
+case "$stage" in
+tests)
+    python3 -m pytest -q -rs tests/test_cuda_layers.py tests/test_cuda.py > "$out/pytest_gpu.log" 2>&1
+    tail -3 "$out/pytest_gpu.log"
+    fixture=(--checkpoint tests/fixtures/tiny_gpt2.bin --state tests/fixtures/tiny_gpt2_debug_state.bin
+             --expected-losses tests/fixtures/tiny_gpt2_expected_losses.json)
+    ref=/tmp/gpu_check_ref
+    python3 dev/make_reference.py --depth d12 --out-dir "$ref" > "$out/make_reference.log" 2>&1
+    d12=(--checkpoint "$ref/gpt2_d12.bin" --state "$ref/gpt2_d12_debug_state.bin"
+         --expected-losses "$ref/gpt2_d12_expected_losses.json")
+    for model in fixture d12; do
+        [ "$model" = fixture ] && args=("${fixture[@]}") || args=("${d12[@]}")
+        for precision in "--tf32 0" "--tf32 1" "--dtype bf16"; do
+            name="test_gpt2_${model}_$(echo "$precision" | tr -d ' -')"
+            python3 test_gpt2.py --device cuda $precision "${args[@]}" > "$out/$name.log" 2>&1
+            echo "$name: exit $? $(grep -E '^(max abs|norm-wise|overall)' "$out/$name.log" | tr '\n' ' ')"
+        done
+    done
+    ;;
+bench)
+    python3 dev/bench.py --device cuda --data "$data/tiny_shakespeare_train.bin" > "$out/bench_tf32.log" 2>&1
+    python3 dev/bench.py --device cuda --dtype bf16 --torch-variants bf16-sdpa,tf32-sdpa \
+        --data "$data/tiny_shakespeare_train.bin" > "$out/bench_bf16.log" 2>&1
+    for dtype in bf16 fp32; do
+        python3 dev/bench.py --device cuda --dtype "$dtype" --find-max-batch > "$out/max_batch_$dtype.log" 2>&1
+    done
+    grep -hE "^  (ours|pytorch)|^    |tokens/s \(median|^ +[0-9]+ " "$out"/bench_*.log "$out"/max_batch_*.log
+    ;;
+curves)
+    for dtype in fp32 bf16; do
+        python3 train_gpt2.py --device cuda --dtype "$dtype" --init d12 -b 8 -t 1024 --steps 400 --lr 6e-4 \
+            --warmup-steps 50 --lr-min-frac 0.1 --weight-decay 0.1 --decay-2d-only --grad-clip 1.0 \
+            --val-every 25 --val-batches 3 --sample-every 0 --train-data "$data/tiny_shakespeare_train.bin" \
+            --val-data "$data/tiny_shakespeare_val.bin" --log "$out/d12_$dtype.log" > "$out/train_d12_$dtype.out" 2>&1
+        echo "$dtype: exit $?, $(grep -c '^step' "$out/train_d12_$dtype.out") steps, last val: $(grep 'val loss' "$out/train_d12_$dtype.out" | tail -1)"
+    done
+    python3 dev/plot_loss.py "$out/d12_fp32.log" "$out/d12_bf16.log" -o "$out/gpu_loss_fp32_bf16.png" \
+        || echo "no plot (pip install matplotlib)"
+    ;;
+*)
+    echo "error: unknown stage $stage: expected tests, bench or curves" >&2
+    exit 2
+    ;;
+esac
