@@ -143,13 +143,7 @@ def parse_args(argv=None):
                         help="max norm-wise relative error ||ours - PyTorch|| / ||PyTorch|| of the logits and of each "
                              "gradient tensor (not in llm.c; default 1e-2: fp32 on a CPU agrees to ~1e-6, TF32 to "
                              "~1e-3; bf16: 5e-2; inf: not checked)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="where train_gpt2.py's layers compute: cpu (NumPy) or cuda (CuPy)")
-    parser.add_argument("--tf32", type=int, choices=[0, 1], default=1,
-                        help="on the GPU, TF32 tensor cores for the matmuls (0: full fp32), as train_gpt2.py")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16 (GPU only): bfloat16 activations and matmuls, as train_gpt2.py; sets llm.c's bf16 "
-                             "tolerances as the defaults")
+    tg.add_device_arguments(parser)  # --device, --tf32, --dtype (bf16 sets llm.c's bf16 tolerances as the defaults)
     args = parser.parse_args(argv)
     for name, default in TOLERANCES[args.dtype].items():
         if getattr(args, name) is None:

@@ -1087,6 +1087,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
+def add_device_arguments(parser):
+    # where and in which precision to compute: the same options for train_gpt2.py and test_gpt2.py
+    group = parser.add_argument_group("running on a GPU (NVIDIA, through CuPy)")
+    group.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="where to compute: cpu (NumPy) or cuda (CuPy, an optional dependency: " + CUPY_INSTALL + ")")
+    group.add_argument("--tf32", type=int, choices=[0, 1], default=1,
+                       help="on the GPU, TF32 tensor cores for the matmuls (0: full fp32), as llm.c's CUDA trainers")
+    group.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16 (GPU only): bfloat16 activations and matmuls over float32 parameters, gradients "
+                            "and checkpoints, as llm.c's train_gpt2.cu")
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="Train GPT-2 in NumPy, as llm.c's train_gpt2.c does "
                                         "(defaults are llm.c's).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1132,14 +1144,7 @@ def parse_args(argv=None):
     group.add_argument("--save-every", type=int, default=0, help="with --output-dir: save every N steps, and at the end (0 = only at the end)")
     group.add_argument("--resume", metavar="DIR", help="continue from the newest model/state pair in DIR, up to --steps in total "
                                                        "(saving there too, unless --output-dir says otherwise)")
-    group = parser.add_argument_group("running on a GPU (NVIDIA, through CuPy)")
-    group.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                       help="where to compute: cpu (NumPy) or cuda (CuPy, an optional dependency: " + CUPY_INSTALL + ")")
-    group.add_argument("--tf32", type=int, choices=[0, 1], default=1,
-                       help="on the GPU, TF32 tensor cores for the matmuls (0: full fp32), as llm.c's CUDA trainers")
-    group.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                       help="bf16 (GPU only): bfloat16 activations and matmuls over float32 parameters, gradients "
-                            "and checkpoints, as llm.c's train_gpt2.cu")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("batch_size", "seq_len", "val_batches", "gen_tokens", "grad_accum", "temperature"):
         if getattr(args, name) <= 0:
