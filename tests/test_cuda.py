@@ -192,8 +192,11 @@ def test_bf16_training_steps_track_the_cpu():
 
 @bf16_only
 def test_test_gpt2_bf16():
-    # llm.c's bf16 tolerances (the defaults), and a relative error of at most 3% for every tensor
-    result = run("test_gpt2.py", "--device", "cuda", "--dtype", "bf16", *FIXTURE_ARGS, "--rel-tol", "3e-2")
+    # tighter than llm.c's bf16 tolerances (logits 25, losses 0.05; its per-tensor gradient thresholds
+    # stay), and a relative error of at most 3% for every tensor. Measured in the CPU simulation:
+    # logits 8.0e-3, loss 6e-5, step losses 3.1e-4, relative errors 1.0e-2 (logits) and 1.35e-2 (dqkvw)
+    result = run("test_gpt2.py", "--device", "cuda", "--dtype", "bf16", *FIXTURE_ARGS,
+                 "--logits-tol", "5e-2", "--loss-tol", "5e-3", "--rel-tol", "3e-2")
     assert result.returncode == 0 and "overall okay: 1" in result.stdout, result.stdout[-3000:] + result.stderr
     assert "bf16" in result.stdout.splitlines()[0]
 
