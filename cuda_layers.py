@@ -229,6 +229,8 @@ def encoder_backward(dout, cache, dwte, dwpe):
     dout = cupy.ascontiguousarray(dout)
     assert dwte.flags.c_contiguous and dwpe.flags.c_contiguous and dwte.dtype == dwpe.dtype == np.float32
     # the positions sorted by (token, position): a unique key each, so every sort gives this one order
+    # (flatnonzero waits for the GPU, to learn how many runs there are: at the end of the backward
+    # pass, where it costs next to nothing)
     flat = cupy.asarray(inp).ravel().astype(cupy.int64)
     order = cupy.argsort(flat * (B * T) + cupy.arange(B * T, dtype=cupy.int64))
     tokens = flat[order]

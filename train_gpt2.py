@@ -816,7 +816,8 @@ def gpt2_forward_cached(model, token, pos, kv_cache):
 
 
 def gpt2_generate(model, prompt, num_tokens, rng_state, temperature=1.0, top_k=0):
-    # the same tokens as gpt2_sample, at one position's forward pass per token
+    # the same tokens as gpt2_sample, at one position's forward pass per token (with --dtype bf16,
+    # gpt2_sample computes with the bfloat16 weights, and this with the float32 ones: close, not equal)
     c = model.config
     # the last token sampled is never fed back, so the positions used are 0 .. len(prompt)+num_tokens-2
     kv_cache = xp.zeros((c.num_layers, 2, c.num_heads, len(prompt) + num_tokens - 1, c.channels // c.num_heads),
@@ -1027,6 +1028,12 @@ def use_device(device, tf32=True, fused=True, dtype="fp32"):
         if int(cupy.cuda.Device().compute_capability) < 80:
             raise InputError(f"--dtype bf16 needs a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, "
                              f"or later); this one is {cupy.cuda.Device().compute_capability}: use --dtype fp32")
+        try:
+            cupy.ones(2, dtype=bfloat16).astype(np.float32)  # CuPy 14 or later, with NumPy 2.1.2 or later
+        except Exception as e:  # noqa: BLE001 (whatever an older CuPy raises: the reason goes in the line)
+            raise InputError(f"--dtype bf16: CuPy {cupy.__version__} cannot make bfloat16 arrays here ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it needs CuPy 14 or later "
+                             f"and NumPy 2.1.2 or later") from None
         floatX = bfloat16
     import cuda_layers  # beside this file
     cuda_layers.set_tf32(tf32)

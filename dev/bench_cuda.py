@@ -611,7 +611,8 @@ def find_max_batch(args, device):
     peak = args.peak_tflops or peak_tflops(device.gpu_name, args.dtype)
     print(f"\nGPT-2 {args.depth}, T={T}, {args.dtype}: the largest batch that fits (median of 3 steps after 1 warm-up)")
     print(f"  {'B':>4} {'ms/step':>9} {'tokens/s':>9} {'MFU':>6} {'peak mem':>9}")
-    out_of_memory = (MemoryError,) if device.simulated else (MemoryError, device.cupy.cuda.memory.OutOfMemoryError)
+    out_of_memory = (MemoryError,) if device.simulated else (  # (cuBLAS's own allocations fail with CUBLASError)
+        MemoryError, device.cupy.cuda.memory.OutOfMemoryError, device.cupy.cuda.cublas.CUBLASError)
     B = 8
     while True:
         try:

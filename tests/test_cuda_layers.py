@@ -43,10 +43,12 @@ def plain(name):
 @pytest.fixture(autouse=True)
 def numpy_plain_layers_and_fp32_matmuls(monkeypatch):
     monkeypatch.setattr(tg, "xp", np, raising=False)  # the plain layers compute with NumPy, on the CPU
-    was = cl.tf32_enabled()
+    was = cl.tf32_enabled(), cl.floatX
     cl.set_tf32(False)
+    cl.set_dtype(np.float32)  # (a bf16 run before, in this process, may have left bfloat16)
     yield
-    cl.set_tf32(was)
+    cl.set_tf32(was[0])
+    cl.set_dtype(was[1])
 
 
 @pytest.fixture
