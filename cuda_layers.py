@@ -70,6 +70,26 @@ def set_dtype(dtype):
     assert floatX.name in _FLOATX, floatX
 
 
+def bfloat16():
+    # the dtype of --dtype bf16, ml_dtypes' bfloat16 (which CuPy uses), once this GPU and this CuPy are
+    # checked to compute with it; else RuntimeError, saying why
+    try:
+        from ml_dtypes import bfloat16
+    except ImportError:
+        raise RuntimeError("needs the ml_dtypes package, which gives CuPy its bfloat16 dtype: pip install ml_dtypes") from None
+    capability = int(cupy.cuda.Device().compute_capability)
+    if capability < 80:
+        raise RuntimeError(f"needs a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, or later); "
+                           f"this one is {capability / 10:.1f}: use --dtype fp32")
+    try:
+        cupy.ones(2, dtype=bfloat16).astype(np.float32)
+    except Exception as e:  # noqa: BLE001 (whatever an older CuPy raises: its reason goes in the message)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"CuPy {cupy.__version__} cannot make bfloat16 arrays here ({reason}): it needs CuPy 14 or "
+                           f"later, with NumPy 2.1.2 or later") from None
+    return bfloat16
+
+
 # how cuBLAS names each dtype, and each kernel's definition of floatX for it
 _CUDA_TYPES = {"float32": cupy.cuda.runtime.CUDA_R_32F, "bfloat16": getattr(cupy.cuda.runtime, "CUDA_R_16BF", 14)}
 _FLOATX = {

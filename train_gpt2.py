@@ -1018,24 +1018,11 @@ def use_device(device, tf32=True, fused=True, dtype="fp32"):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--device cuda: CuPy {cupy.__version__} cannot use a GPU here ({reason}); "
                          f"check the GPU with nvidia-smi, and that CuPy matches its driver: {CUPY_INSTALL}") from None
-    floatX = np.float32
-    if dtype == "bf16":
-        try:
-            from ml_dtypes import bfloat16  # the bfloat16 dtype that CuPy uses (CuPy 14 and later)
-        except ImportError:
-            raise InputError("--dtype bf16 needs the ml_dtypes package, which gives CuPy its bfloat16 dtype: "
-                             "pip install ml_dtypes (and CuPy 14 or later)") from None
-        if int(cupy.cuda.Device().compute_capability) < 80:
-            raise InputError(f"--dtype bf16 needs a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, "
-                             f"or later); this one is {cupy.cuda.Device().compute_capability}: use --dtype fp32")
-        try:
-            cupy.ones(2, dtype=bfloat16).astype(np.float32)  # CuPy 14 or later, with NumPy 2.1.2 or later
-        except Exception as e:  # noqa: BLE001 (whatever an older CuPy raises: the reason goes in the line)
-            raise InputError(f"--dtype bf16: CuPy {cupy.__version__} cannot make bfloat16 arrays here ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it needs CuPy 14 or later "
-                             f"and NumPy 2.1.2 or later") from None
-        floatX = bfloat16
     import cuda_layers  # beside this file
+    try:
+        floatX = cuda_layers.bfloat16() if dtype == "bf16" else np.float32
+    except RuntimeError as e:  # this GPU, or this CuPy, cannot compute in bfloat16: why, in one line
+        raise InputError(f"--dtype bf16: {e}") from None
     cuda_layers.set_tf32(tf32)
     cuda_layers.set_dtype(floatX)
     xp = cupy

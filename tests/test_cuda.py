@@ -151,14 +151,14 @@ try:
 except ImportError:
     ml_dtypes = None
 def bf16_usable():
-    try:  # as use_device checks it: ml_dtypes, compute capability 8.0, CuPy 14 and NumPy 2.1.2 or later
-        return GPU and int(cupy.cuda.Device().compute_capability) >= 80 and \
-            bool(cupy.ones(2, dtype=ml_dtypes.bfloat16).astype(np.float32).sum() == 2)
-    except Exception:  # noqa: BLE001
+    try:  # what use_device checks: ml_dtypes, compute capability 8.0, CuPy 14 and NumPy 2.1.2 or later
+        import cuda_layers
+        return bool(cuda_layers.bfloat16())
+    except (ImportError, RuntimeError):
         return False
 
 
-BF16 = ml_dtypes is not None and bf16_usable()
+BF16 = GPU and bf16_usable()
 BF16_REASON = "--dtype bf16 needs ml_dtypes, CuPy 14 (NumPy 2.1.2) and a GPU of compute capability 8.0 or later"
 bf16_only = pytest.mark.skipif(not BF16, reason=BF16_REASON)
 
