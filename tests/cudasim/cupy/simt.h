@@ -1,17 +1,17 @@
 // simt.h: the CUDA execution model on the CPU, as much of it as cuda_layers.py's kernels use (see
-// tests/cudasim/cupy/__init__.py). A grid runs block after block; each block's threads are host
-// threads, so that __syncthreads, __syncwarp and the warp shuffles are real meeting points; the
-// threads of a warp exchange values through the block's exch array.
+// tests/cudasim/cupy/__init__.py). A grid runs block after block. Each CUDA thread of a block is a
+// fiber (ucontext) of one host thread: it runs until it reaches a barrier (__syncthreads, __syncwarp,
+// or either half of a warp shuffle), and waits there until every thread of its block (or of its warp)
+// has arrived at that barrier or has returned, as on a GPU. So the barriers are real meeting points,
+// in a deterministic order, at the cost of a context switch each.
 #include <math.h>
 #include <stddef.h>
-#include <barrier>
-#include <thread>
-#include <vector>
 #include <functional>
-#include <memory>
+#include <vector>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <ucontext.h>
 struct uint3 { unsigned x, y, z; };
 // bfloat16 as cuda_bf16.h has it, but with explicit conversions only: code that converts implicitly
 // (ambiguous with the real header's operators) does not compile here
@@ -26,62 +26,105 @@ struct __nv_bfloat16 {
     }
     explicit operator float() const { unsigned u = (unsigned)x << 16; float f; memcpy(&f, &u, 4); return f; }
 };
-static thread_local uint3 threadIdx;
-static thread_local int sim_tid;
-static uint3 blockIdx, blockDim, gridDim;
+static uint3 threadIdx, blockIdx, blockDim, gridDim;
 static float* sim_dynamic_shared;
-struct SimBlock {
-    std::unique_ptr<std::barrier<>> block_bar;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-    float exch[1024];
+
+enum SimState { SIM_READY, SIM_AT_WARP_BARRIER, SIM_AT_BLOCK_BARRIER, SIM_DONE };
+struct SimThread {
+    ucontext_t context;
+    std::vector<char> stack;
+    SimState state;
+    long long warp_barriers, block_barriers;  // how many of each it has arrived at
 };
-static SimBlock* sim_block;
-static inline float __shfl_xor_sync(unsigned mask, float v, int off) {
+static std::vector<SimThread> sim_threads;
+static int sim_current;  // the thread running now
+static ucontext_t sim_scheduler;
+static const std::function<void()>* sim_body;
+static float sim_exchange[1024];  // each thread's value in a warp shuffle
+
+static void sim_arrive(SimState barrier) {
+    SimThread& me = sim_threads[sim_current];
+    (barrier == SIM_AT_WARP_BARRIER ? me.warp_barriers : me.block_barriers)++;
+    me.state = barrier;
+    swapcontext(&me.context, &sim_scheduler);  // back to the scheduler, until the others have arrived
+}
+static inline void __syncthreads() { sim_arrive(SIM_AT_BLOCK_BARRIER); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) {
     if (mask != 0xffffffffu) abort();
-    int lane = sim_tid % 32, warp = sim_tid / 32;
-    sim_block->exch[sim_tid] = v;
-    sim_block->warp_bars[warp]->arrive_and_wait();
-    float r = sim_block->exch[warp * 32 + (lane ^ off)];
-    sim_block->warp_bars[warp]->arrive_and_wait();
+    sim_arrive(SIM_AT_WARP_BARRIER);
+}
+static inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
+    if (mask != 0xffffffffu) abort();
+    int lane = sim_current % 32, warp = sim_current / 32;
+    sim_exchange[sim_current] = v;
+    __syncwarp();  // every lane has put its value
+    float r = sim_exchange[warp * 32 + (lane ^ offset)];
+    __syncwarp();  // every lane has taken its partner's
     return r;
 }
-static inline void __syncthreads() { sim_block->block_bar->arrive_and_wait(); }
-static inline void __syncwarp(unsigned mask = 0xffffffffu) { sim_block->warp_bars[sim_tid / 32]->arrive_and_wait(); }
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
 
+static void sim_thread_main() {
+    (*sim_body)();
+    sim_threads[sim_current].state = SIM_DONE;  // (then uc_link returns to the scheduler)
+}
+
+static bool sim_may_go(int t) {
+    // a thread at a barrier goes on once every thread it waits for has arrived there (or returned)
+    const SimThread& me = sim_threads[t];
+    int n = (int)sim_threads.size();
+    if (me.state == SIM_AT_WARP_BARRIER) {
+        for (int u = t / 32 * 32; u < t / 32 * 32 + 32; u++)
+            if (sim_threads[u].state != SIM_DONE && sim_threads[u].warp_barriers < me.warp_barriers) return false;
+    } else if (me.state == SIM_AT_BLOCK_BARRIER) {
+        for (int u = 0; u < n; u++)
+            if (sim_threads[u].state != SIM_DONE && sim_threads[u].block_barriers < me.block_barriers) return false;
+    }
+    return true;
+}
+
 static void sim_run_grid(unsigned gx, unsigned gy, unsigned bx, unsigned by, long long smem, std::function<void()> body) {
-    // one host thread per CUDA thread of a block, kept for the whole grid: the blocks run one after
-    // another, and the threads meet at a barrier between two blocks
     unsigned nthreads = bx * by;
     if (nthreads == 0 || nthreads > 1024 || nthreads % 32 != 0) { fprintf(stderr, "bad block %u\n", nthreads); abort(); }
     if (smem > 48 * 1024) { fprintf(stderr, "too much shared memory %lld\n", smem); abort(); }
     gridDim = {gx, gy, 1};
     blockDim = {bx, by, 1};
-    std::vector<float> dyn(smem / 4 + 1);
-    SimBlock block;
-    block.block_bar.reset(new std::barrier<>(nthreads));
-    for (unsigned w = 0; w < nthreads / 32; w++) block.warp_bars.emplace_back(new std::barrier<>(32));
-    sim_block = &block;
-    sim_dynamic_shared = dyn.data();
-    std::barrier<> between_blocks(nthreads);
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < nthreads; t++)
-        threads.emplace_back([t, bx, gx, gy, &body, &between_blocks, &dyn]() {
-            threadIdx = {t % bx, t / bx, 0};
-            sim_tid = t;
-            for (unsigned y = 0; y < gy; y++)
-                for (unsigned x = 0; x < gx; x++) {
-                    if (t == 0) {
-                        blockIdx = {x, y, 0};
-                        for (auto& f : dyn) f = nanf("");  // uninitialized shared memory
-                    }
-                    between_blocks.arrive_and_wait();  // the block's index and shared memory are set
-                    body();
-                    between_blocks.arrive_and_wait();  // every thread is done with this block
+    std::vector<float> dynamic_shared(smem / 4 + 1);
+    sim_dynamic_shared = dynamic_shared.data();
+    sim_body = &body;
+    sim_threads.assign(nthreads, SimThread());
+    for (auto& th : sim_threads) th.stack.resize(256 * 1024);
+    for (unsigned y = 0; y < gy; y++)
+        for (unsigned x = 0; x < gx; x++) {
+            blockIdx = {x, y, 0};
+            for (auto& f : dynamic_shared) f = nanf("");  // uninitialized shared memory
+            for (auto& th : sim_threads) {
+                getcontext(&th.context);
+                th.context.uc_stack.ss_sp = th.stack.data();
+                th.context.uc_stack.ss_size = th.stack.size();
+                th.context.uc_link = &sim_scheduler;
+                makecontext(&th.context, sim_thread_main, 0);
+                th.state = SIM_READY;
+                th.warp_barriers = th.block_barriers = 0;
+            }
+            // round after round, run every thread that may go on, until its next barrier or its end
+            for (bool all_done = false; !all_done;) {
+                all_done = true;
+                bool progress = false;
+                for (unsigned t = 0; t < nthreads; t++) {
+                    if (sim_threads[t].state == SIM_DONE) continue;
+                    all_done = false;
+                    if (!sim_may_go(t)) continue;
+                    sim_threads[t].state = SIM_READY;
+                    sim_current = t;
+                    threadIdx = {t % bx, t / bx, 0};
+                    swapcontext(&sim_scheduler, &sim_threads[t].context);
+                    progress = true;
                 }
-        });
-    for (auto& th : threads) th.join();
+                if (!all_done && !progress) { fprintf(stderr, "deadlock: threads wait at barriers others never reach\n"); abort(); }
+            }
+        }
 }
