@@ -95,8 +95,9 @@ static void sim_run_grid(unsigned gx, unsigned gy, unsigned bx, unsigned by, lon
     std::vector<float> dynamic_shared(smem / 4 + 1);
     sim_dynamic_shared = dynamic_shared.data();
     sim_body = &body;
-    sim_threads.assign(nthreads, SimThread());
-    for (auto& th : sim_threads) th.stack.resize(256 * 1024);
+    if (sim_threads.size() != nthreads) sim_threads.resize(nthreads);  // (kept from launch to launch)
+    for (auto& th : sim_threads)
+        if (th.stack.empty()) th.stack.resize(64 * 1024);  // the kernels keep little on the stack
     for (unsigned y = 0; y < gy; y++)
         for (unsigned x = 0; x < gx; x++) {
             blockIdx = {x, y, 0};
