@@ -93,9 +93,9 @@ def bfloat16():
 # how cuBLAS names each dtype, and each kernel's definition of floatX for it
 _CUDA_TYPES = {"float32": cupy.cuda.runtime.CUDA_R_32F, "bfloat16": getattr(cupy.cuda.runtime, "CUDA_R_16BF", 14)}
 _FLOATX = {
-    "float32": "typedef float floatX;\n",
+    "float32": "typedef float floatX;\n#define FLOATX_IS_FLOAT 1\n",
     # (conversions: (float)x reads a bfloat16 exactly; (floatX)f rounds a float to the nearest bfloat16)
-    "bfloat16": "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 floatX;\n",
+    "bfloat16": "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 floatX;\n#define FLOATX_IS_FLOAT 0\n",
 }
 
 # alpha = 1 and beta = 0 of every GEMM here, passed to cuBLAS as pointers to host memory. That is
@@ -638,6 +638,8 @@ def attention_forward(inp, NH):
     B, T, C3 = inp.shape
     C = C3 // 3
     hs = C // NH  # head size
+    if _flash_applies(inp.dtype, T, hs):
+        return _flash_attention_forward(inp, NH)
     scale = 1.0 / math.sqrt(hs)
     # q, k, v = inp.reshape(B,T,3,NH,hs).transpose(2,0,3,1,4): one copy makes them contiguous, 3 x (B*NH,T,hs)
     qkv = cupy.ascontiguousarray(inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)).reshape(3, B * NH, T, hs)
@@ -661,6 +663,8 @@ def attention_forward(inp, NH):
 
 def attention_backward(dout, cache):
     # replaces train_gpt2.attention_backward: dout (B,T,C) -> dinp (B,T,3C)
+    if isinstance(cache[0], str):  # ("flash", ...)
+        return _flash_attention_backward(dout, cache)
     qkv, lse, NH = cache
     _, BNH, T, hs = qkv.shape
     B, C = BNH // NH, NH * hs
@@ -698,6 +702,274 @@ def attention_backward(dout, cache):
         _batched_matmul(dpreatt[:, s:, s:e], q[:, s:], dk[:, s:e], transpose_a=True)  # dk = dpreatt^T @ q: keys s..e
     # (3,B,NH,T,hs) -> (B,T,3,NH,hs) -> (B,T,3C)
     return cupy.ascontiguousarray(dqkv.reshape(3, B, NH, T, hs).transpose(1, 3, 0, 2, 4)).reshape(B, T, 3 * C)
+
+
+# ----------------------------------------------------------------------------
+# Attention in one pass: flash attention on the tensor cores (not yet the default: see ATTENTION_KERNEL)
+# The blocked attention above writes and reads (B,NH,T,T) matrices, and memory bandwidth bounds it.
+# Here, as in FlashAttention-2, each warp takes 16 query rows and walks over the keys 64 at a time,
+# keeping the scores of those 64 keys in shared memory only, with the softmax done online (a running
+# max m and sum l per row, the output rescaled whenever the max grows): nothing of size (T,T) ever
+# reaches global memory. The products run on the tensor cores through WMMA (warp-wide 16x16 tiles):
+# bf16 inputs with float32 sums, or TF32 for float32 activations. The backward pass recomputes the
+# scores from q, k and the forward's lse, and takes two kernels, one for dq (a warp per 16 queries,
+# over their keys) and one for dk and dv (a warp per 16 keys, over the queries that see them), so
+# that no gradient is added with atomics. q, k, v are read, and out and dqkv written, straight in
+# their (B,T,3C) and (B,T,C) layouts: no transposed copies. Written for GPT-2's head size 64 and T a
+# multiple of 64; anything else takes the blocked form.
+
+_FLASH_SRC = _CUDA_COMMON + r"""
+#include <mma.h>
+using namespace nvcuda;
+#define HS 64      // head size (every GPT-2 has 64)
+#define ROWS 64    // query rows (or keys) per block: 4 warps of 16
+#define KEYS 64    // keys (or queries) per step of a warp's walk
+#define WARPS 4
+#if FLOATX_IS_FLOAT
+#define WMMA_K 8   // TF32 tiles are 16x16x8, loaded from float and rounded to TF32
+typedef wmma::precision::tf32 wmma_in;
+#else
+#define WMMA_K 16  // bf16 tiles are 16x16x16
+typedef __nv_bfloat16 wmma_in;
+#endif
+typedef wmma::fragment<wmma::matrix_a, 16, 16, WMMA_K, wmma_in, wmma::row_major> tile_a;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, WMMA_K, wmma_in, wmma::row_major> tile_b;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, WMMA_K, wmma_in, wmma::col_major> tile_bt;  // B read as rows of B^T
+typedef wmma::fragment<wmma::accumulator, 16, 16, WMMA_K, float> tile_acc;
+
+template <typename Tile> __device__ __forceinline__ void load_tile(Tile& tile, const floatX* p, unsigned ldm) {
+    wmma::load_matrix_sync(tile, p, ldm);
+#if FLOATX_IS_FLOAT
+    for (int i = 0; i < tile.num_elements; i++) tile.x[i] = wmma::__float_to_tf32(tile.x[i]);
+#endif
+}
+
+// out (16, HS) = a (16, K) @ b (K, HS) added to acc, a from shared memory (ldm lda), b rows of a
+// (T, ...) matrix in global memory (ldm ldb): the product of a row block with 64 keys' values
+__device__ __forceinline__ void tiles_times_rows(tile_acc* acc, const floatX* a, int lda, const floatX* b, long long ldb, int K) {
+    for (int n = 0; n < HS / 16; n++)
+        for (int kk = 0; kk < K / WMMA_K; kk++) {
+            tile_a at; load_tile(at, a + kk * WMMA_K, lda);
+            tile_b bt; load_tile(bt, b + kk * WMMA_K * ldb + 16 * n, ldb);
+            wmma::mma_sync(acc[n], at, bt, acc[n]);
+        }
+}
+
+// scores (16, KEYS) = a (16, HS, as tiles) @ rows^T, rows the KEYS rows (HS wide) at b, ldm ldb
+__device__ __forceinline__ void tiles_times_rows_t(float* scores, const tile_a* a, const floatX* b, long long ldb) {
+    for (int n = 0; n < KEYS / 16; n++) {
+        tile_acc acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < HS / WMMA_K; kk++) {
+            tile_bt bt; load_tile(bt, b + 16 * n * ldb + kk * WMMA_K, ldb);
+            wmma::mma_sync(acc, a[kk], bt, acc);
+        }
+        wmma::store_matrix_sync(scores + 16 * n, acc, KEYS, wmma::mem_row_major);
+    }
+}
+
+// writes a warp's (16, HS) accumulator tiles, times scale, as floatX rows of dst (ldm ld), through scratch
+__device__ __forceinline__ void store_rows(floatX* dst, long long ld, tile_acc* acc, float* scratch, float scale) {
+    for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scratch + 16 * n, acc[n], HS, wmma::mem_row_major);
+    __syncwarp();
+    int lane = threadIdx.x % WARP_SIZE, r = lane / 2, half = lane % 2;
+    for (int j = half * HS / 2; j < (half + 1) * HS / 2; j++) dst[r * ld + j] = (floatX)(scale * scratch[r * HS + j]);
+    __syncwarp();
+}
+
+// out (B,T,C) and lse (B,NH,T) from inp (B,T,3C); grid (T / ROWS, B * NH), WARPS warps
+extern "C" __global__ void flash_attention_forward_kernel(
+        floatX* out, float* lse, const floatX* inp, int T, int NH, float scale) {
+    __shared__ __align__(32) float scores_all[WARPS][16 * KEYS];  // the scores, then P @ v
+    __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
+    long long ld = 3LL * C;  // from one position's q (or k, v) to the next's
+    int q0 = blockIdx.x * ROWS + warp * 16;  // this warp's queries: q0 .. q0 + 15
+    const floatX* q = inp + ((long long)b * T + q0) * ld + h * HS;
+    const floatX* k = inp + (long long)b * T * ld + C + h * HS;  // key 0's
+    const floatX* v = k + C;
+    float* scores = scores_all[warp];
+    floatX* probs = probs_all[warp];
+    tile_a qt[HS / WMMA_K];
+    for (int kk = 0; kk < HS / WMMA_K; kk++) load_tile(qt[kk], q + kk * WMMA_K, ld);
+    // lanes 2r and 2r+1 own row r: query t, the first and the second half of the columns
+    int r = lane / 2, half = lane % 2, t = q0 + r;
+    float m = NEG_FLT_MAX, l = 0.0f, o[HS / 2];
+    for (int j = 0; j < HS / 2; j++) o[j] = 0.0f;
+    for (int k0 = 0; k0 <= q0 + 15; k0 += KEYS) {  // (then k0 <= q0 <= t: every row sees key k0)
+        tiles_times_rows_t(scores, qt, k + k0 * ld, ld);  // q @ k^T for keys k0 .. k0 + KEYS
+        __syncwarp();
+        // the online softmax: the new max, the old sum rescaled, the new weights P
+        float mx = NEG_FLT_MAX;
+        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)
+            if (k0 + c <= t) mx = fmaxf(mx, scale * scores[r * KEYS + c]);
+        float m_new = fmaxf(m, fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1)));
+        float alpha = expf(m - m_new), sum = 0.0f;
+        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++) {
+            float p = k0 + c <= t ? expf(scale * scores[r * KEYS + c] - m_new) : 0.0f;
+            probs[r * KEYS + c] = (floatX)p;
+            sum += p;
+        }
+        l = l * alpha + sum + __shfl_xor_sync(0xffffffff, sum, 1);
+        m = m_new;
+        __syncwarp();
+        // o = alpha o + P @ v (the product through scores' memory: KEYS == HS floats a row)
+        tile_acc pv[HS / 16];
+        for (int n = 0; n < HS / 16; n++) wmma::fill_fragment(pv[n], 0.0f);
+        tiles_times_rows(pv, probs, KEYS, v + k0 * ld, ld, KEYS);
+        for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scores + 16 * n, pv[n], HS, wmma::mem_row_major);
+        __syncwarp();
+        for (int j = 0; j < HS / 2; j++) o[j] = alpha * o[j] + scores[r * HS + half * HS / 2 + j];
+        __syncwarp();
+    }
+    floatX* out_row = out + ((long long)b * T + t) * C + h * HS + half * HS / 2;
+    for (int j = 0; j < HS / 2; j++) out_row[j] = (floatX)(o[j] / l);
+    if (half == 0) lse[(long long)bh * T + t] = m + logf(l);
+}
+
+// delta (B,NH,T) = the sum over a head's channels of dout * out, the softmax backward's row term
+// (sum over keys of P * dP, which is that); a thread per (b, h, t)
+extern "C" __global__ void flash_attention_delta_kernel(
+        float* delta, const floatX* dout, const floatX* out, int B, int T, int NH) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b * NH + h) * T + t
+    if (i >= (long long)B * NH * T) return;
+    int t = i % T, h = (i / T) % NH;
+    long long b = i / T / NH, offset = (b * T + t) * NH * HS + h * HS;
+    float sum = 0.0f;
+    for (int d = 0; d < HS; d++) sum += (float)dout[offset + d] * (float)out[offset + d];
+    delta[i] = sum;
+}
+
+// dq into dinp (B,T,3C)'s first C columns: a warp per 16 queries, over the keys they see
+extern "C" __global__ void flash_attention_backward_dq_kernel(
+        floatX* dinp, const floatX* inp, const floatX* dout, const float* lse, const float* delta,
+        int T, int NH, float scale) {
+    __shared__ __align__(32) float scores_all[WARPS][16 * KEYS];  // the scores, then dP, at last dq
+    __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P, then dS
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
+    long long ld = 3LL * C;
+    int q0 = blockIdx.x * ROWS + warp * 16;
+    const floatX* q = inp + ((long long)b * T + q0) * ld + h * HS;
+    const floatX* k = inp + (long long)b * T * ld + C + h * HS;
+    const floatX* v = k + C;
+    const floatX* dy = dout + ((long long)b * T + q0) * C + h * HS;
+    float* scores = scores_all[warp];
+    floatX* probs = probs_all[warp];
+    tile_a qt[HS / WMMA_K], dyt[HS / WMMA_K];
+    for (int kk = 0; kk < HS / WMMA_K; kk++) {
+        load_tile(qt[kk], q + kk * WMMA_K, ld);
+        load_tile(dyt[kk], dy + kk * WMMA_K, C);
+    }
+    tile_acc dq[HS / 16];
+    for (int n = 0; n < HS / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
+    int r = lane / 2, half = lane % 2, t = q0 + r;
+    float row_lse = lse[(long long)bh * T + t], row_delta = delta[(long long)bh * T + t];
+    for (int k0 = 0; k0 <= q0 + 15; k0 += KEYS) {
+        tiles_times_rows_t(scores, qt, k + k0 * ld, ld);  // q @ k^T
+        __syncwarp();
+        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)  // P = exp(scale * q @ k^T - lse)
+            probs[r * KEYS + c] = (floatX)(k0 + c <= t ? expf(scale * scores[r * KEYS + c] - row_lse) : 0.0f);
+        __syncwarp();
+        tiles_times_rows_t(scores, dyt, v + k0 * ld, ld);  // dP = dout @ v^T
+        __syncwarp();
+        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)  // dS = P (dP - delta), over P
+            probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] * (scores[r * KEYS + c] - row_delta));
+        __syncwarp();
+        tiles_times_rows(dq, probs, KEYS, k + k0 * ld, ld, KEYS);  // dq += dS @ k
+        __syncwarp();
+    }
+    store_rows(dinp + ((long long)b * T + q0) * ld + h * HS, ld, dq, scores, scale);
+}
+
+// dk and dv into dinp (B,T,3C)'s second and third C columns: a warp per 16 keys, over the queries
+// that see them (from the block's first key on)
+extern "C" __global__ void flash_attention_backward_dkdv_kernel(
+        floatX* dinp, const floatX* inp, const floatX* dout, const float* lse, const float* delta,
+        int T, int NH, float scale) {
+    __shared__ __align__(32) float scores_all[WARPS][16 * KEYS];  // scores^T, then dP^T, at last dk, dv
+    __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P^T, then dS^T
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
+    long long ld = 3LL * C;
+    int key0 = blockIdx.x * ROWS + warp * 16;  // this warp's keys: key0 .. key0 + 15
+    const floatX* q = inp + (long long)b * T * ld + h * HS;  // query 0's
+    const floatX* k = inp + ((long long)b * T + key0) * ld + C + h * HS;
+    const floatX* v = k + C;
+    const floatX* dy = dout + (long long)b * T * C + h * HS;  // position 0's
+    float* scores = scores_all[warp];
+    floatX* probs = probs_all[warp];
+    tile_a kt[HS / WMMA_K], vt[HS / WMMA_K];
+    for (int kk = 0; kk < HS / WMMA_K; kk++) {
+        load_tile(kt[kk], k + kk * WMMA_K, ld);
+        load_tile(vt[kk], v + kk * WMMA_K, ld);
+    }
+    tile_acc dk[HS / 16], dv[HS / 16];
+    for (int n = 0; n < HS / 16; n++) {
+        wmma::fill_fragment(dk[n], 0.0f);
+        wmma::fill_fragment(dv[n], 0.0f);
+    }
+    int r = lane / 2, half = lane % 2, key = key0 + r;  // lanes 2r, 2r+1: key's row of P^T, halves of its queries
+    for (int q0 = blockIdx.x * ROWS; q0 < T; q0 += KEYS) {
+        tiles_times_rows_t(scores, kt, q + q0 * ld, ld);  // scores^T = k @ q^T
+        __syncwarp();
+        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++) {  // P^T, where query q0 + c sees the key
+            int t = q0 + c;
+            probs[r * KEYS + c] = (floatX)(t >= key ? expf(scale * scores[r * KEYS + c] - lse[(long long)bh * T + t]) : 0.0f);
+        }
+        __syncwarp();
+        tiles_times_rows(dv, probs, KEYS, dy + q0 * (long long)C, C, KEYS);  // dv += P^T @ dout
+        tiles_times_rows_t(scores, vt, dy + q0 * (long long)C, C);  // dP^T = v @ dout^T
+        __syncwarp();
+        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)  // dS^T = P^T (dP^T - delta), over P^T
+            probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] *
+                                           (scores[r * KEYS + c] - delta[(long long)bh * T + q0 + c]));
+        __syncwarp();
+        tiles_times_rows(dk, probs, KEYS, q + q0 * ld, ld, KEYS);  // dk += dS^T @ q
+        __syncwarp();
+    }
+    floatX* dk_rows = dinp + ((long long)b * T + key0) * ld + C + h * HS;
+    store_rows(dk_rows, ld, dk, scores, scale);
+    store_rows(dk_rows + C, ld, dv, scores, 1.0f);
+}
+"""
+FLASH_HEAD_SIZE, FLASH_ROWS, FLASH_WARPS = 64, 64, 4
+# "blocked" (the cuBLAS products by blocks above, measured) or "flash" (this one: tested against the
+# plain layer, here and in the CPU simulation, but not yet timed on a GPU). dev/bench.py --attention
+# flash times it.
+ATTENTION_KERNEL = "blocked"
+
+
+def _flash_applies(dtype, T, hs):
+    # flash attention is written for head size 64 and T a multiple of 64, with bf16 or TF32 tensor cores
+    return ATTENTION_KERNEL == "flash" and hs == FLASH_HEAD_SIZE and T % FLASH_ROWS == 0 and (dtype != np.float32 or _tf32)
+
+
+def _flash_attention_forward(inp, NH):
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    inp = cupy.ascontiguousarray(inp)
+    out = cupy.empty((B, T, C), dtype=inp.dtype)
+    lse = cupy.empty((B, NH, T), dtype=cupy.float32)
+    _kernel(_FLASH_SRC, "flash_attention_forward_kernel", inp.dtype)(
+        (T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,),
+        (out, lse, inp, np.int32(T), np.int32(NH), np.float32(1.0 / math.sqrt(FLASH_HEAD_SIZE))))
+    return out, ("flash", inp, out, lse, NH)
+
+
+def _flash_attention_backward(dout, cache):
+    _, inp, out, lse, NH = cache
+    B, T, C3 = inp.shape
+    dout = cupy.ascontiguousarray(dout)
+    delta = cupy.empty((B, NH, T), dtype=cupy.float32)
+    _kernel(_FLASH_SRC, "flash_attention_delta_kernel", inp.dtype)(
+        (_ceil_div(B * NH * T, 256),), (256,), (delta, dout, out, np.int32(B), np.int32(T), np.int32(NH)))
+    dinp = cupy.empty((B, T, C3), dtype=inp.dtype)
+    args = (dinp, inp, dout, lse, delta, np.int32(T), np.int32(NH), np.float32(1.0 / math.sqrt(FLASH_HEAD_SIZE)))
+    for name in ("flash_attention_backward_dq_kernel", "flash_attention_backward_dkdv_kernel"):
+        _kernel(_FLASH_SRC, name, inp.dtype)((T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,), args)
+    return dinp
 
 
 # ----------------------------------------------------------------------------

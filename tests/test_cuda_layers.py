@@ -531,3 +531,49 @@ def test_softmax_and_crossentropy_bf16(rng, bf16_dlogits):
     dlogits = cl.crossentropy_softmax_backward(cupy.asarray(dlosses), probs_gpu, cupy.asarray(targets), Vp)
     assert_close_bf16(dlogits, expected)
     assert (dlogits[..., V:].get().astype(np.float32) == 0).all()
+
+
+# ----------------------------------------------------------------------------
+# flash attention (cl.ATTENTION_KERNEL = "flash"): head size 64, T a multiple of 64, tensor cores
+
+FLASH_SHAPES = [(2, 64, 128, 2), (1, 192, 192, 3), (2, 128, 64, 1)]
+FLASH_IDS = [f"B{B}-T{T}-C{C}-NH{NH}" for B, T, C, NH in FLASH_SHAPES]
+
+
+@pytest.fixture
+def flash(monkeypatch):
+    monkeypatch.setattr(cl, "ATTENTION_KERNEL", "flash")
+
+
+@pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
+def test_flash_attention_tf32(rng, flash, B, T, C, NH):
+    cl.set_tf32(True)
+    if not cl.tf32_enabled():
+        pytest.skip("this GPU has no TF32 tensor cores (compute capability below 8.0)")
+    inp, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    out, cache = plain("attention_forward")(inp, NH)
+    out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
+    assert cache_gpu[0] == "flash"  # (not the blocked form)
+    assert_close(out_gpu, out, RTOL_TF32)
+    assert_close(cl.attention_backward(cupy.asarray(dout), cache_gpu), plain("attention_backward")(dout, cache), RTOL_TF32)
+
+
+@pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
+def test_flash_attention_bf16(rng, flash, B, T, C, NH):
+    inp, dout = round_bf16(randn(rng, B, T, 3 * C)), round_bf16(randn(rng, B, T, C))
+    out, cache = plain("attention_forward")(inp.astype(np.float64), NH)
+    out_gpu, cache_gpu = cl.attention_forward(to_gpu_bf16(inp), NH)
+    assert cache_gpu[0] == "flash"
+    assert_close_bf16(out_gpu, out, RTOL_BF16_CHAIN)
+    dinp = plain("attention_backward")(dout.astype(np.float64), cache)
+    assert_close_bf16(cl.attention_backward(to_gpu_bf16(dout), cache_gpu), dinp, RTOL_BF16_CHAIN)
+
+
+def test_flash_attention_falls_back_to_the_blocked_form(rng, flash):
+    # a head size other than 64, T not a multiple of 64, or full fp32 (no TF32): the blocked form
+    for B, T, C, NH, tf32 in [(2, 65, 128, 2, True), (2, 64, 96, 3, True), (2, 64, 128, 2, False)]:
+        cl.set_tf32(tf32)
+        inp = randn(rng, B, T, 3 * C)
+        out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
+        assert not isinstance(cache_gpu[0], str)
+        assert_close(out_gpu, plain("attention_forward")(inp, NH)[0], RTOL_TF32)

@@ -27,6 +27,7 @@ if shutil.which("g++") is None:
 import ml_dtypes  # noqa: E402,F401 (bfloat16; an ImportError here, too, means no simulation)
 
 from . import _core, cuda  # noqa: E402,F401
+from . import _sim  # noqa: E402
 from ._sim import ElementwiseKernel, RawKernel, ndarray, wrap  # noqa: E402,F401
 
 __version__ = "14.2.0 (CPU simulation, tests/cudasim)"
@@ -49,8 +50,13 @@ def asarray(a, dtype=None):
 
 
 def ascontiguousarray(a, dtype=None):
+    # (an array NumPy made, a ufunc's result, may sit at an address that CuPy's pool, 256-byte aligned,
+    # would never give: such an array is copied to one that is, as the tensor cores' loads need)
     assert isinstance(a, ndarray), f"cupy.ascontiguousarray takes a cupy.ndarray, not {type(a)}"
-    if a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if a.flags.c_contiguous and (dtype is None or a.dtype == dtype) and root.ctypes.data % _sim.ALIGNMENT == 0:
         return a
     return wrap(np.array(a, dtype=dtype or a.dtype, order="C"))
 

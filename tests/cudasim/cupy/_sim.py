@@ -34,8 +34,22 @@ def _record(a):
     return a
 
 
+ALIGNMENT = 256  # CuPy's memory pool hands out 256-byte aligned blocks (NumPy only promises 16)
+
+
+def aligned(a):
+    # a itself, or a copy of it at a 256-byte aligned address when it owns memory that is not
+    if a.nbytes == 0 or isinstance(a.base, np.ndarray) or a.ctypes.data % ALIGNMENT == 0:
+        return a
+    buffer = np.empty(a.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -buffer.ctypes.data % ALIGNMENT
+    copy = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    copy[...] = a
+    return copy
+
+
 def wrap(a):
-    return _record(np.asarray(a).view(ndarray))
+    return _record(aligned(np.asarray(a)).view(ndarray))
 
 
 def check_range(ptr, nbytes, what):
@@ -112,6 +126,7 @@ class RawKernel:
         signatures = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', self.code)
         source = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = sim_dynamic_shared;", self.code)
         source = source.replace("#include <cuda_bf16.h>", "")  # simt.h has its own __nv_bfloat16
+        source = source.replace("#include <mma.h>", "")  # and its own nvcuda::wmma
         launchers = []
         for kernel, parameters in signatures:
             types = [" ".join(p.split()[:-1]) for p in parameters.replace("\n", " ").split(",")]

@@ -62,7 +62,81 @@ static inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
     __syncwarp();  // every lane has taken its partner's
     return r;
 }
+
+// nvcuda::wmma, the tensor cores' warp-wide matrix products, as far as the kernels use them. Every
+// lane of the simulation holds the whole tile (a GPU spreads it over the 32 lanes, in an order of its
+// own), which is all the same to code that only loads, multiplies, stores and changes every element
+// alike. Loads and stores check the GPU's rules: a 32-byte aligned pointer, ldm a multiple of 16 bytes.
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {};
+struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision { struct tf32 {}; }
+template <typename T> struct element_of { typedef T type; };
+template <> struct element_of<precision::tf32> { typedef float type; };
+template <typename Use, int M, int N, int K> struct tile;
+template <int M, int N, int K> struct tile<matrix_a, M, N, K> { static const int rows = M, cols = K; };
+template <int M, int N, int K> struct tile<matrix_b, M, N, K> { static const int rows = K, cols = N; };
+template <int M, int N, int K> struct tile<accumulator, M, N, K> { static const int rows = M, cols = N; };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    typedef typename element_of<T>::type element_type;
+    static const int rows = tile<Use, M, N, K>::rows, cols = tile<Use, M, N, K>::cols;
+    static const int num_elements = rows * cols;
+    element_type x[num_elements];  // the tile, row-major
+};
+static inline void sim_check_tile(const void* p, unsigned ldm, int size, const char* what) {
+    if ((unsigned long)p % 32 != 0 || (ldm * size) % 16 != 0) {
+        fprintf(stderr, "wmma::%s: pointer %p must be 32-byte aligned and ldm %u a multiple of 16 bytes\n", what, p, ldm);
+        abort();
+    }
+}
+template <typename Use, int M, int N, int K, typename T, typename L, typename E>
+static inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const E* p, unsigned ldm) {
+    sim_check_tile(p, ldm, sizeof(E), "load_matrix_sync");
+    bool col = __is_same(L, col_major);
+    for (int r = 0; r < f.rows; r++)
+        for (int c = 0; c < f.cols; c++) f.x[r * f.cols + c] = col ? p[(long)c * ldm + r] : p[(long)r * ldm + c];
+}
+template <int M, int N, int K, typename T>
+static inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t layout) {
+    sim_check_tile(p, ldm, sizeof(T), "load_matrix_sync");
+    for (int r = 0; r < f.rows; r++)
+        for (int c = 0; c < f.cols; c++)
+            f.x[r * f.cols + c] = layout == mem_col_major ? p[(long)c * ldm + r] : p[(long)r * ldm + c];
+}
+template <int M, int N, int K, typename T>
+static inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+    sim_check_tile(p, ldm, sizeof(T), "store_matrix_sync");
+    for (int r = 0; r < f.rows; r++)
+        for (int c = 0; c < f.cols; c++)
+            (layout == mem_col_major ? p[(long)c * ldm + r] : p[(long)r * ldm + c]) = f.x[r * f.cols + c];
+}
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+static inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
+    for (int i = 0; i < f.num_elements; i++) f.x[i] = (typename fragment<Use, M, N, K, T, L>::element_type)v;
+}
+template <int M, int N, int K, typename T, typename LA, typename LB>
+static inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+                            const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+    float out[M * N];
+    for (int r = 0; r < M; r++)
+        for (int n = 0; n < N; n++) {
+            float sum = c.x[r * N + n];
+            for (int k = 0; k < K; k++) sum += (float)a.x[r * K + k] * (float)b.x[k * N + n];
+            out[r * N + n] = sum;
+        }
+    for (int i = 0; i < M * N; i++) d.x[i] = out[i];
+}
+static inline float __float_to_tf32(float f) {  // to 10 bits of mantissa, to nearest (ties away from zero)
+    unsigned u; memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;
+    memcpy(&f, &u, 4);
+    return f;
+}
+} }
 #define __global__
+#define __align__(n) __attribute__((aligned(n)))
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
