@@ -152,7 +152,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    tg.use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype)
+    tg.use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype, attention=args.attention)
     print(f"device: {tg.describe_device()}")
     model = tg.gpt2_build_from_checkpoint(args.checkpoint, hint=CHECKPOINT_HINT)
     c = model.config

@@ -988,11 +988,12 @@ CUPY_INSTALL = "pip install cupy-cuda12x (for a CUDA 12 driver) or cupy-cuda13x 
 # - Sampling computes with the float32 parameters (one row at a time, where bfloat16 would gain nothing).
 
 
-def use_device(device, tf32=True, fused=True, dtype="fp32"):
+def use_device(device, tf32=True, fused=True, dtype="fp32", attention="blocked"):
     # choose the array module, once, before any model is built: "cpu" (NumPy) or "cuda" (CuPy).
     # On the GPU, matmuls use TF32 tensor cores unless tf32 is False (as llm.c's CUDA trainers do),
     # and the fused kernels of cuda_layers.py take the place of the plain layers unless fused is False.
     # dtype "bf16" (GPU and fused kernels only): bfloat16 activations over float32 parameters.
+    # attention: the fused attention's form, "blocked" (cuBLAS products) or "flash" (cuda_layers.py).
     global xp, floatX
     if dtype not in ("fp32", "bf16"):
         raise InputError(f"--dtype {dtype}: expected fp32 or bf16")
@@ -1001,6 +1002,8 @@ def use_device(device, tf32=True, fused=True, dtype="fp32"):
                          "has no fast bfloat16 matrix product (on the CPU, use --dtype fp32)")
     if dtype == "bf16" and not fused:
         raise InputError("--dtype bf16 runs on the fused GPU kernels only: the plain layers are the float32 reference")
+    if attention not in ("blocked", "flash") or (attention == "flash" and (device != "cuda" or not fused)):
+        raise InputError(f"--attention {attention}: expected blocked, or flash (with --device cuda)")
     if device == "cpu":
         xp, floatX = np, np.float32
         globals().update(PLAIN_LAYERS)
@@ -1025,6 +1028,7 @@ def use_device(device, tf32=True, fused=True, dtype="fp32"):
         raise InputError(f"--dtype bf16: {e}") from None
     cuda_layers.set_tf32(tf32)
     cuda_layers.set_dtype(floatX)
+    cuda_layers.ATTENTION_KERNEL = attention
     xp = cupy
     # (the plain layers' AdamW for a GPU is adamw_plain: adamw_threaded is NumPy's, for CPU cores)
     globals().update(cuda_layers.FUSED_LAYERS if fused else dict(PLAIN_LAYERS, adamw=adamw_plain))
@@ -1036,6 +1040,8 @@ def describe_device():
         return f"cpu: NumPy {np.__version__}, {usable_cpus()} cores"
     import cuda_layers
     fused = "fused kernels" if attention_forward is not PLAIN_LAYERS["attention_forward"] else "plain layers"
+    if fused == "fused kernels" and cuda_layers.ATTENTION_KERNEL == "flash":
+        fused += " (flash attention where it applies)"
     if floatX != np.float32:
         precision = "bf16 activations and matmuls, fp32 parameters and gradients"
     else:
@@ -1091,6 +1097,10 @@ def add_device_arguments(parser):
     group.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                        help="bf16 (GPU only): bfloat16 activations and matmuls over float32 parameters, gradients "
                             "and checkpoints, as llm.c's train_gpt2.cu")
+    group.add_argument("--attention", choices=["blocked", "flash"], default="blocked",
+                       help="on the GPU, attention's kernels: blocked (cuBLAS products, by blocks of rows) or flash "
+                            "(tensor-core FlashAttention kernels, for head size 64 and -t a multiple of 64; with "
+                            "TF32 or bf16; new, not yet timed)")
 
 
 def parse_args(argv=None):
@@ -1274,7 +1284,7 @@ def main(args):
     # share of the cores before any array is made, and only rank 0 prints (see distributed.py)
     procs = distributed.init(args.device)
     keep_freed_memory()
-    use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype)
+    use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype, attention=args.attention)
     print(f"device: {describe_device()}")
     B, T = args.batch_size, args.seq_len
     if args.resume:

@@ -7,6 +7,7 @@ on an NVIDIA GPU through CuPy, next to eager PyTorch on the same GPU, the same w
     python dev/bench.py --device cuda --steps 20 --warmup 5 --torch-variants tf32-sdpa
     python dev/bench.py --device cuda --dtype bf16     # mixed precision, against PyTorch bf16 autocast + SDPA
     python dev/bench.py --device cuda --dtype bf16 --find-max-batch   # the largest B that fits, tokens/s at each
+    python dev/bench.py --device cuda --attention flash    # ours with the flash attention kernels
 
 What it prints:
 - the GPU (train_gpt2's describe_device() and PyTorch's name for it), PyTorch's version, its
@@ -116,6 +117,8 @@ def add_arguments(parser):
     group.add_argument("--no-fused", action="store_true", help="ours with the plain layers only, no fused GPU kernels")
     group.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                        help="ours in fp32 (TF32 matmuls unless --no-tf32) or bf16 mixed precision (train_gpt2.py --dtype)")
+    group.add_argument("--attention", choices=["blocked", "flash"], default=None,
+                       help="ours with this attention (train_gpt2.py --attention; default blocked)")
     group.add_argument("--find-max-batch", action="store_true",
                        help="ours alone at B = 8, 16, 24, ... until the GPU's memory runs out: tokens/s at each")
     group.add_argument("--torch-variants", default=None, metavar="LIST",
@@ -127,7 +130,7 @@ def add_arguments(parser):
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="the GPU's dense TF32 (bf16 with --dtype bf16) peak for MFU, where llm.c's table doesn't know the GPU")
     group.add_argument("--simulate-cpu", action="store_true", help=argparse.SUPPRESS)  # the same code on the CPU, for testing
-    return ("no_tf32", "no_fused", "dtype", "find_max_batch", "torch_variants", "torch_padded_vocab", "gen_tokens",
+    return ("no_tf32", "no_fused", "dtype", "attention", "find_max_batch", "torch_variants", "torch_padded_vocab", "gen_tokens",
             "peak_tflops", "simulate_cpu")
 
 
@@ -192,7 +195,8 @@ class Device:
             self.sync = lambda: None
             self.gpu_name = "cpu (simulated)"
             return
-        tg.use_device("cuda", tf32=not args.no_tf32, fused=not args.no_fused, dtype=args.dtype)  # raises InputError, one line
+        tg.use_device("cuda", tf32=not args.no_tf32, fused=not args.no_fused, dtype=args.dtype,
+                      attention=args.attention or "blocked")  # raises InputError, one line
         import cupy
         self.cupy = cupy
         self.sync = cupy.cuda.Device().synchronize
@@ -539,7 +543,8 @@ def main(args, LayerTimer):
               f"AdamW foreach=True (PyTorch's default on CUDA), not fused; SDPA picks {i['sdpa_kernel']}", flush=True)
 
     precision = "bf16" if args.dtype == "bf16" else "TF32" if tf32 else "fp32"
-    ours = f"ours (CuPy, {precision}, {'plain layers' if args.no_fused else 'fused kernels'})"
+    ours = f"ours (CuPy, {precision}, {'plain layers' if args.no_fused else 'fused kernels'}" + \
+        (", flash attention)" if args.attention == "flash" else ")")
     if device.simulated:
         ours = "ours (NumPy, simulated)"
     print(f"\nGPT-2 {args.depth} ({tg.num_parameters(config) / 1e6:.2f}M parameters), B={B}, T={T}, batch: {batch}\n"

@@ -4,7 +4,8 @@
 #   bash dev/gpu_check.sh tests  OUT   # the GPU tests, test_gpt2.py at fp32 / TF32 / bf16 on the fixture
 #                                      # and on a GPT-2 124M-shaped reference (dev/make_reference.py)
 #   bash dev/gpu_check.sh bench  OUT   # dev/bench.py --device cuda in TF32 and in bf16 against PyTorch,
-#                                      # and the largest batch that fits at T=1024 in each
+#                                      # with the blocked and with the flash attention
+#   bash dev/gpu_check.sh memory OUT   # the largest batch that fits at T=1024, in fp32 and in bf16
 #   bash dev/gpu_check.sh curves OUT   # GPT-2 124M from scratch on Tiny Shakespeare, fp32 (TF32) and
 #                                      # bf16, the same 400 steps: both logs, and both curves on one plot
 #
@@ -12,8 +13,8 @@
 # as prepro_tinyshakespeare.py writes them. Needs CuPy (and ml_dtypes for bf16); PyTorch for the
 # references and the benchmark's yardsticks; matplotlib for the plot (skipped without it).
 set -uo pipefail
-stage=${1:?usage: dev/gpu_check.sh tests|bench|curves OUT}
-out=${2:?usage: dev/gpu_check.sh tests|bench|curves OUT}
+stage=${1:?usage: dev/gpu_check.sh tests|bench|memory|curves OUT}
+out=${2:?usage: dev/gpu_check.sh tests|bench|memory|curves OUT}
 data=${DATA:-data}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ tests)
          --expected-losses "$ref/gpt2_d12_expected_losses.json")
     for model in fixture d12; do
         [ "$model" = fixture ] && args=("${fixture[@]}") || args=("${d12[@]}")
-        for precision in "--tf32 0" "--tf32 1" "--dtype bf16"; do
+        for precision in "--tf32 0" "--tf32 1" "--dtype bf16" "--tf32 1 --attention flash" "--dtype bf16 --attention flash"; do
             name="test_gpt2_${model}_$(echo "$precision" | tr -d ' -')"
             python3 test_gpt2.py --device cuda $precision "${args[@]}" > "$out/$name.log" 2>&1
             echo "$name: exit $? $(grep -E '^(max abs|norm-wise|overall)' "$out/$name.log" | tr '\n' ' ')"
@@ -40,13 +41,19 @@ tests)
     done
     ;;
 bench)
-    python3 dev/bench.py --device cuda --data "$data/tiny_shakespeare_train.bin" > "$out/bench_tf32.log" 2>&1
-    python3 dev/bench.py --device cuda --dtype bf16 --torch-variants bf16-sdpa,tf32-sdpa \
-        --data "$data/tiny_shakespeare_train.bin" > "$out/bench_bf16.log" 2>&1
+    for attention in blocked flash; do
+        python3 dev/bench.py --device cuda --attention $attention --torch-variants tf32-sdpa \
+            --data "$data/tiny_shakespeare_train.bin" > "$out/bench_tf32_$attention.log" 2>&1
+        python3 dev/bench.py --device cuda --dtype bf16 --attention $attention --torch-variants bf16-sdpa,tf32-sdpa \
+            --data "$data/tiny_shakespeare_train.bin" > "$out/bench_bf16_$attention.log" 2>&1
+    done
+    grep -hE "^  (ours|pytorch)|^    " "$out"/bench_*.log
+    ;;
+memory)
     for dtype in bf16 fp32; do
         python3 dev/bench.py --device cuda --dtype "$dtype" --find-max-batch > "$out/max_batch_$dtype.log" 2>&1
     done
-    grep -hE "^  (ours|pytorch)|^    |tokens/s \(median|^ +[0-9]+ " "$out"/bench_*.log "$out"/max_batch_*.log
+    grep -hE "^ +[0-9]+ |out of memory" "$out"/max_batch_*.log
     ;;
 curves)
     for dtype in fp32 bf16; do
@@ -60,7 +67,7 @@ curves)
         || echo "no plot (pip install matplotlib)"
     ;;
 *)
-    echo "error: unknown stage $stage: expected tests, bench or curves" >&2
+    echo "error: unknown stage $stage: expected tests, bench, memory or curves" >&2
     exit 2
     ;;
 esac

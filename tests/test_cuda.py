@@ -228,3 +228,41 @@ def test_a_gpu_run_resumes_exactly_and_its_checkpoints_load_on_the_cpu(tmp_path,
     assert model.params_memory.dtype == np.float32
     on_cpu = train(tmp_path, data, "cpu", "--steps", "10", "--resume", run_dir)
     assert "after 8 steps" in on_cpu and "step 9:" in on_cpu
+
+
+# ----------------------------------------------------------------------------
+# flash attention (--attention flash): the whole model, against the blocked attention
+
+
+def flash_steps(dtype, attention, n=3):
+    # n AdamW steps of a small GPT-2 with head size 64 (as every GPT-2) at T = 64, on one batch
+    tg.use_device("cuda", dtype=dtype, attention=attention)
+    try:
+        config = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2,
+                               channels=128)
+        rng = np.random.default_rng(0)
+        params = (rng.standard_normal(tg.num_parameters(config)) * 0.1).astype(np.float32)
+        model = tg.GPT2(config, params)
+        tokens = rng.integers(0, 97, (2, 65)).astype(np.int32)
+        losses, first_grads = [], None
+        for t in range(1, n + 1):
+            losses.append(tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:]))
+            tg.gpt2_backward(model)
+            if first_grads is None:
+                first_grads = tg.to_host(model.grads_memory).copy()
+            tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.0, t)
+        return np.array(losses), first_grads
+    finally:
+        tg.use_device("cpu")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_flash_attention_trains_as_the_blocked_one(dtype):
+    if dtype == "bf16" and not BF16:
+        pytest.skip(BF16_REASON)
+    blocked_losses, blocked_grads = flash_steps(dtype, "blocked")
+    flash_losses, flash_grads = flash_steps(dtype, "flash")
+    # TF32 (fp32) or bf16 roundings in another order: close, not equal
+    rtol = 1e-3 if dtype == "fp32" else 1e-2
+    np.testing.assert_allclose(flash_losses, blocked_losses, rtol=rtol)
+    assert np.linalg.norm(flash_grads - blocked_grads) <= 10 * rtol * np.linalg.norm(blocked_grads)
