@@ -265,4 +265,7 @@ def test_flash_attention_trains_as_the_blocked_one(dtype):
     # TF32 (fp32) or bf16 roundings in another order: close, not equal
     rtol = 1e-3 if dtype == "fp32" else 1e-2
     np.testing.assert_allclose(flash_losses, blocked_losses, rtol=rtol)
-    assert np.linalg.norm(flash_grads - blocked_grads) <= 10 * rtol * np.linalg.norm(blocked_grads)
+    config = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2, channels=128)
+    for name, grad in tg.point_parameters(flash_grads, config).items():  # tensor by tensor: attention's are small
+        expected = tg.point_parameters(blocked_grads, config)[name]
+        assert np.linalg.norm(grad - expected) <= 5 * rtol * np.linalg.norm(expected), name
