@@ -718,13 +718,14 @@ def attention_backward(dout, cache):
 # their (B,T,3C) and (B,T,C) layouts: no transposed copies. Written for GPT-2's head size 64 and T a
 # multiple of 64; anything else takes the blocked form.
 
-_FLASH_SRC = _CUDA_COMMON + r"""
-#include <mma.h>
+_FLASH_SRC = "#include <mma.h>\n" + _CUDA_COMMON + r"""
 using namespace nvcuda;
 #define HS 64      // head size (every GPT-2 has 64)
 #define ROWS 64    // query rows (or keys) per block: 4 warps of 16
 #define KEYS 64    // keys (or queries) per step of a warp's walk
 #define WARPS 4
+#define OUT_LD (HS + 4)  // the row stride of a warp's (16, HS) output tile in shared memory: 4 floats of
+                         // padding put the rows that lanes read side by side in different banks
 #if FLOATX_IS_FLOAT
 #define WMMA_K 8   // TF32 tiles are 16x16x8, loaded from float and rounded to TF32
 typedef wmma::precision::tf32 wmma_in;
@@ -746,20 +747,28 @@ template <typename Tile> __device__ __forceinline__ void load_tile(Tile& tile, c
 
 // out (16, HS) = a (16, K) @ b (K, HS) added to acc, a from shared memory (ldm lda), b rows of a
 // (T, ...) matrix in global memory (ldm ldb): the product of a row block with 64 keys' values
-__device__ __forceinline__ void tiles_times_rows(tile_acc* acc, const floatX* a, int lda, const floatX* b, long long ldb, int K) {
-    for (int n = 0; n < HS / 16; n++)
-        for (int kk = 0; kk < K / WMMA_K; kk++) {
-            tile_a at; load_tile(at, a + kk * WMMA_K, lda);
-            tile_b bt; load_tile(bt, b + kk * WMMA_K * ldb + 16 * n, ldb);
+// (every loop over tiles is unrolled, so that the arrays of tiles stay in registers)
+__device__ __forceinline__ void tiles_times_rows(tile_acc* acc, const floatX* a, int lda, const floatX* b, long long ldb) {
+#pragma unroll
+    for (int kk = 0; kk < KEYS / WMMA_K; kk++) {
+        tile_a at;
+        load_tile(at, a + kk * WMMA_K, lda);
+#pragma unroll
+        for (int n = 0; n < HS / 16; n++) {
+            tile_b bt;
+            load_tile(bt, b + kk * WMMA_K * ldb + 16 * n, ldb);
             wmma::mma_sync(acc[n], at, bt, acc[n]);
         }
+    }
 }
 
 // scores (16, KEYS) = a (16, HS, as tiles) @ rows^T, rows the KEYS rows (HS wide) at b, ldm ldb
 __device__ __forceinline__ void tiles_times_rows_t(float* scores, const tile_a* a, const floatX* b, long long ldb) {
+#pragma unroll
     for (int n = 0; n < KEYS / 16; n++) {
         tile_acc acc;
         wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
         for (int kk = 0; kk < HS / WMMA_K; kk++) {
             tile_bt bt; load_tile(bt, b + 16 * n * ldb + kk * WMMA_K, ldb);
             wmma::mma_sync(acc, a[kk], bt, acc);
@@ -768,19 +777,29 @@ __device__ __forceinline__ void tiles_times_rows_t(float* scores, const tile_a* 
     }
 }
 
-// writes a warp's (16, HS) accumulator tiles, times scale, as floatX rows of dst (ldm ld), through scratch
+// writes a warp's (16, HS) accumulator tiles, times scale, as floatX rows of dst (ldm ld), through
+// scratch: each row's 64 values by the 32 lanes, two each, side by side
 __device__ __forceinline__ void store_rows(floatX* dst, long long ld, tile_acc* acc, float* scratch, float scale) {
-    for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scratch + 16 * n, acc[n], HS, wmma::mem_row_major);
+#pragma unroll
+    for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scratch + 16 * n, acc[n], OUT_LD, wmma::mem_row_major);
     __syncwarp();
-    int lane = threadIdx.x % WARP_SIZE, r = lane / 2, half = lane % 2;
-    for (int j = half * HS / 2; j < (half + 1) * HS / 2; j++) dst[r * ld + j] = (floatX)(scale * scratch[r * HS + j]);
+    int lane = threadIdx.x % WARP_SIZE;
+    for (int r = 0; r < 16; r++)
+        for (int j = lane; j < HS; j += WARP_SIZE) dst[r * ld + j] = (floatX)(scale * scratch[r * OUT_LD + j]);
     __syncwarp();
+}
+
+// the column of step i of the lanes' walks over a row of a (16, KEYS) tile in shared memory: lanes
+// 2r and 2r+1 own row r, halves of its columns, each starting at a different place so that at every
+// step the 32 lanes read 32 different banks
+__device__ __forceinline__ int column(int i, int r, int half) {
+    return half * (KEYS / 2) + (i + r + 16 * half) % (KEYS / 2);
 }
 
 // out (B,T,C) and lse (B,NH,T) from inp (B,T,3C); grid (T / ROWS, B * NH), WARPS warps
 extern "C" __global__ void flash_attention_forward_kernel(
         floatX* out, float* lse, const floatX* inp, int T, int NH, float scale) {
-    __shared__ __align__(32) float scores_all[WARPS][16 * KEYS];  // the scores, then P @ v
+    __shared__ __align__(32) float scores_all[WARPS][16 * OUT_LD];  // the scores, then P @ v
     __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P
     int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
@@ -802,11 +821,14 @@ extern "C" __global__ void flash_attention_forward_kernel(
         __syncwarp();
         // the online softmax: the new max, the old sum rescaled, the new weights P
         float mx = NEG_FLT_MAX;
-        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)
+        for (int i = 0; i < KEYS / 2; i++) {
+            int c = column(i, r, half);
             if (k0 + c <= t) mx = fmaxf(mx, scale * scores[r * KEYS + c]);
+        }
         float m_new = fmaxf(m, fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1)));
         float alpha = expf(m - m_new), sum = 0.0f;
-        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++) {
+        for (int i = 0; i < KEYS / 2; i++) {
+            int c = column(i, r, half);
             float p = k0 + c <= t ? expf(scale * scores[r * KEYS + c] - m_new) : 0.0f;
             probs[r * KEYS + c] = (floatX)p;
             sum += p;
@@ -814,17 +836,24 @@ extern "C" __global__ void flash_attention_forward_kernel(
         l = l * alpha + sum + __shfl_xor_sync(0xffffffff, sum, 1);
         m = m_new;
         __syncwarp();
-        // o = alpha o + P @ v (the product through scores' memory: KEYS == HS floats a row)
+        // o = alpha o + P @ v (the product through scores' memory)
         tile_acc pv[HS / 16];
+#pragma unroll
         for (int n = 0; n < HS / 16; n++) wmma::fill_fragment(pv[n], 0.0f);
-        tiles_times_rows(pv, probs, KEYS, v + k0 * ld, ld, KEYS);
-        for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scores + 16 * n, pv[n], HS, wmma::mem_row_major);
+        tiles_times_rows(pv, probs, KEYS, v + k0 * ld, ld);
+#pragma unroll
+        for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scores + 16 * n, pv[n], OUT_LD, wmma::mem_row_major);
         __syncwarp();
-        for (int j = 0; j < HS / 2; j++) o[j] = alpha * o[j] + scores[r * HS + half * HS / 2 + j];
+#pragma unroll
+        for (int j = 0; j < HS / 2; j++) o[j] = alpha * o[j] + scores[r * OUT_LD + half * HS / 2 + j];
         __syncwarp();
     }
-    floatX* out_row = out + ((long long)b * T + t) * C + h * HS + half * HS / 2;
-    for (int j = 0; j < HS / 2; j++) out_row[j] = (floatX)(o[j] / l);
+    // out = o / l, through shared memory so that each row is written by the 32 lanes side by side
+    for (int j = 0; j < HS / 2; j++) scores[r * OUT_LD + half * HS / 2 + j] = o[j] / l;
+    __syncwarp();
+    floatX* out_rows = out + ((long long)b * T + q0) * C + h * HS;
+    for (int row = 0; row < 16; row++)
+        for (int j = lane; j < HS; j += WARP_SIZE) out_rows[row * C + j] = (floatX)scores[row * OUT_LD + j];
     if (half == 0) lse[(long long)bh * T + t] = m + logf(l);
 }
 
@@ -845,7 +874,7 @@ extern "C" __global__ void flash_attention_delta_kernel(
 extern "C" __global__ void flash_attention_backward_dq_kernel(
         floatX* dinp, const floatX* inp, const floatX* dout, const float* lse, const float* delta,
         int T, int NH, float scale) {
-    __shared__ __align__(32) float scores_all[WARPS][16 * KEYS];  // the scores, then dP, at last dq
+    __shared__ __align__(32) float scores_all[WARPS][16 * OUT_LD];  // the scores, then dP, at last dq
     __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P, then dS
     int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
@@ -869,15 +898,19 @@ extern "C" __global__ void flash_attention_backward_dq_kernel(
     for (int k0 = 0; k0 <= q0 + 15; k0 += KEYS) {
         tiles_times_rows_t(scores, qt, k + k0 * ld, ld);  // q @ k^T
         __syncwarp();
-        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)  // P = exp(scale * q @ k^T - lse)
+        for (int i = 0; i < KEYS / 2; i++) {  // P = exp(scale * q @ k^T - lse)
+            int c = column(i, r, half);
             probs[r * KEYS + c] = (floatX)(k0 + c <= t ? expf(scale * scores[r * KEYS + c] - row_lse) : 0.0f);
+        }
         __syncwarp();
         tiles_times_rows_t(scores, dyt, v + k0 * ld, ld);  // dP = dout @ v^T
         __syncwarp();
-        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)  // dS = P (dP - delta), over P
+        for (int i = 0; i < KEYS / 2; i++) {  // dS = P (dP - delta), over P
+            int c = column(i, r, half);
             probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] * (scores[r * KEYS + c] - row_delta));
+        }
         __syncwarp();
-        tiles_times_rows(dq, probs, KEYS, k + k0 * ld, ld, KEYS);  // dq += dS @ k
+        tiles_times_rows(dq, probs, KEYS, k + k0 * ld, ld);  // dq += dS @ k
         __syncwarp();
     }
     store_rows(dinp + ((long long)b * T + q0) * ld + h * HS, ld, dq, scores, scale);
@@ -888,7 +921,7 @@ extern "C" __global__ void flash_attention_backward_dq_kernel(
 extern "C" __global__ void flash_attention_backward_dkdv_kernel(
         floatX* dinp, const floatX* inp, const floatX* dout, const float* lse, const float* delta,
         int T, int NH, float scale) {
-    __shared__ __align__(32) float scores_all[WARPS][16 * KEYS];  // scores^T, then dP^T, at last dk, dv
+    __shared__ __align__(32) float scores_all[WARPS][16 * OUT_LD];  // scores^T, then dP^T, at last dk, dv
     __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P^T, then dS^T
     int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
@@ -914,19 +947,21 @@ extern "C" __global__ void flash_attention_backward_dkdv_kernel(
     for (int q0 = blockIdx.x * ROWS; q0 < T; q0 += KEYS) {
         tiles_times_rows_t(scores, kt, q + q0 * ld, ld);  // scores^T = k @ q^T
         __syncwarp();
-        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++) {  // P^T, where query q0 + c sees the key
-            int t = q0 + c;
+        for (int i = 0; i < KEYS / 2; i++) {  // P^T, where query q0 + c sees the key
+            int c = column(i, r, half), t = q0 + c;
             probs[r * KEYS + c] = (floatX)(t >= key ? expf(scale * scores[r * KEYS + c] - lse[(long long)bh * T + t]) : 0.0f);
         }
         __syncwarp();
-        tiles_times_rows(dv, probs, KEYS, dy + q0 * (long long)C, C, KEYS);  // dv += P^T @ dout
+        tiles_times_rows(dv, probs, KEYS, dy + q0 * (long long)C, C);  // dv += P^T @ dout
         tiles_times_rows_t(scores, vt, dy + q0 * (long long)C, C);  // dP^T = v @ dout^T
         __syncwarp();
-        for (int c = half * KEYS / 2; c < (half + 1) * KEYS / 2; c++)  // dS^T = P^T (dP^T - delta), over P^T
+        for (int i = 0; i < KEYS / 2; i++) {  // dS^T = P^T (dP^T - delta), over P^T
+            int c = column(i, r, half);
             probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] *
                                            (scores[r * KEYS + c] - delta[(long long)bh * T + q0 + c]));
+        }
         __syncwarp();
-        tiles_times_rows(dk, probs, KEYS, q + q0 * ld, ld, KEYS);  // dk += dS^T @ q
+        tiles_times_rows(dk, probs, KEYS, q + q0 * ld, ld);  // dk += dS^T @ q
         __syncwarp();
     }
     floatX* dk_rows = dinp + ((long long)b * T + key0) * ld + C + h * HS;
@@ -939,6 +974,21 @@ FLASH_HEAD_SIZE, FLASH_ROWS, FLASH_WARPS = 64, 64, 4
 # plain layer, here and in the CPU simulation, but not yet timed on a GPU). dev/bench.py --attention
 # flash times it.
 ATTENTION_KERNEL = "blocked"
+
+
+FLASH_KERNELS = ("flash_attention_forward_kernel", "flash_attention_delta_kernel", "flash_attention_backward_dq_kernel",
+                 "flash_attention_backward_dkdv_kernel")
+
+
+def compile_flash_attention(dtype):
+    # compiles the flash kernels for dtype now, not at their first launch, so that a missing header
+    # (WMMA's mma.h comes with the CUDA toolkit's headers) is one clear error before any work
+    try:
+        for name in FLASH_KERNELS:
+            _kernel(_FLASH_SRC, name, dtype).compile()
+    except Exception as e:  # noqa: BLE001 (NVRTC's errors, whatever their class)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
 
 
 def _flash_applies(dtype, T, hs):

@@ -1029,6 +1029,11 @@ def use_device(device, tf32=True, fused=True, dtype="fp32", attention="blocked")
     cuda_layers.set_tf32(tf32)
     cuda_layers.set_dtype(floatX)
     cuda_layers.ATTENTION_KERNEL = attention
+    if attention == "flash":
+        try:
+            cuda_layers.compile_flash_attention(floatX)
+        except RuntimeError as e:
+            raise InputError(f"--attention flash: {e}; use --attention blocked") from None
     xp = cupy
     # (the plain layers' AdamW for a GPU is adamw_plain: adamw_threaded is NumPy's, for CPU cores)
     globals().update(cuda_layers.FUSED_LAYERS if fused else dict(PLAIN_LAYERS, adamw=adamw_plain))

@@ -269,3 +269,17 @@ def test_flash_attention_trains_as_the_blocked_one(dtype):
     for name, grad in tg.point_parameters(flash_grads, config).items():  # tensor by tensor: attention's are small
         expected = tg.point_parameters(blocked_grads, config)[name]
         assert np.linalg.norm(grad - expected) <= 5 * rtol * np.linalg.norm(expected), name
+
+
+def test_flash_attention_that_does_not_compile_is_one_error_line(monkeypatch):
+    # (say, CUDA headers without WMMA's mma.h): use_device says so, before any work
+    import cuda_layers
+
+    def fail(dtype):
+        raise RuntimeError("the flash attention kernels do not compile here (mma.h: no such file)")
+    monkeypatch.setattr(cuda_layers, "compile_flash_attention", fail)
+    try:
+        with pytest.raises(tg.InputError, match="--attention flash: .*mma.h.*--attention blocked"):
+            tg.use_device("cuda", attention="flash")
+    finally:
+        tg.use_device("cpu")

@@ -140,6 +140,10 @@ class RawKernel:
             prelude = f.read()
         self.library = compile_library(prelude + source + "\n" + "\n".join(launchers) + "\n", "raw")
 
+    def compile(self, log_stream=None):
+        if self.library is None:
+            self._compile()
+
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         assert isinstance(grid, tuple) and isinstance(block, tuple) and isinstance(args, tuple)
         if self.library is None:
