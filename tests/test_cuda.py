@@ -29,23 +29,27 @@ def cuda(request):
     tg.use_device("cpu")
 
 
-def steps(device_args, n=3):
+def train_steps(model, tokens, n=3):
     # n AdamW steps on one batch: the losses, and the gradients of the first step, on the host
+    losses, first_grads = [], None
+    for t in range(1, n + 1):
+        losses.append(tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:]))
+        tg.gpt2_backward(model)
+        if first_grads is None:
+            first_grads = tg.to_host(model.grads_memory).copy()
+        tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.01, t)
+    return np.array(losses), first_grads
+
+
+def steps(device_args, n=3):
+    # train_steps of the fixture's model, on the CPU (device_args None) or on the GPU
     if device_args is not None:
         tg.use_device("cuda", **device_args)
     try:
-        model = tg.gpt2_build_from_checkpoint(MODEL)
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, 777, (4, 33)).astype(np.int32)
         tokens[1, :8] = tokens[0, :8]  # repeated tokens: their embedding gradients must add up
-        losses, first_grads = [], None
-        for t in range(1, n + 1):
-            losses.append(tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:]))
-            tg.gpt2_backward(model)
-            if first_grads is None:
-                first_grads = tg.to_host(model.grads_memory).copy()
-            tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.01, t)
-        return np.array(losses), first_grads
+        return train_steps(tg.gpt2_build_from_checkpoint(MODEL), tokens, n)
     finally:
         tg.use_device("cpu")
 
@@ -234,24 +238,17 @@ def test_a_gpu_run_resumes_exactly_and_its_checkpoints_load_on_the_cpu(tmp_path,
 # flash attention (--attention flash): the whole model, against the blocked attention
 
 
+FLASH_CONFIG = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2,
+                             channels=128)  # head size 64, as every GPT-2's
+
+
 def flash_steps(dtype, attention, n=3):
-    # n AdamW steps of a small GPT-2 with head size 64 (as every GPT-2) at T = 64, on one batch
+    # train_steps of a small random GPT-2 with head size 64, at T = 64, on the GPU
     tg.use_device("cuda", dtype=dtype, attention=attention)
     try:
-        config = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2,
-                               channels=128)
         rng = np.random.default_rng(0)
-        params = (rng.standard_normal(tg.num_parameters(config)) * 0.1).astype(np.float32)
-        model = tg.GPT2(config, params)
-        tokens = rng.integers(0, 97, (2, 65)).astype(np.int32)
-        losses, first_grads = [], None
-        for t in range(1, n + 1):
-            losses.append(tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:]))
-            tg.gpt2_backward(model)
-            if first_grads is None:
-                first_grads = tg.to_host(model.grads_memory).copy()
-            tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.0, t)
-        return np.array(losses), first_grads
+        params = (rng.standard_normal(tg.num_parameters(FLASH_CONFIG)) * 0.1).astype(np.float32)
+        return train_steps(tg.GPT2(FLASH_CONFIG, params), rng.integers(0, 97, (2, 65)).astype(np.int32), n)
     finally:
         tg.use_device("cpu")
 
@@ -265,9 +262,8 @@ def test_flash_attention_trains_as_the_blocked_one(dtype):
     # TF32 (fp32) or bf16 roundings in another order: close, not equal
     rtol = 1e-3 if dtype == "fp32" else 1e-2
     np.testing.assert_allclose(flash_losses, blocked_losses, rtol=rtol)
-    config = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=128, num_layers=2, num_heads=2, channels=128)
-    for name, grad in tg.point_parameters(flash_grads, config).items():  # tensor by tensor: attention's are small
-        expected = tg.point_parameters(blocked_grads, config)[name]
+    for name, grad in tg.point_parameters(flash_grads, FLASH_CONFIG).items():  # tensor by tensor: attention's are small
+        expected = tg.point_parameters(blocked_grads, FLASH_CONFIG)[name]
         assert np.linalg.norm(grad - expected) <= 5 * rtol * np.linalg.norm(expected), name
 
 
