@@ -27,6 +27,20 @@ TIGHT = ["--logits-tol", "1e-5", "--grad-tol", "1e-6", "--loss-tol", "1e-5", "--
 CHECKPOINT_MAGIC, STATE_MAGIC, TOKENIZER_MAGIC, TOKENS_MAGIC = 20240326, 20240327, 20240328, 20240520
 
 
+def usable_gpu():
+    # (True, "") where CuPy (or, with CUDASIM=1, its simulation) sees a GPU, else (False, why not)
+    try:
+        import cupy
+    except ImportError as e:
+        return False, f"CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x): {e}"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return True, ""
+        return False, "CUDA sees no GPU"
+    except Exception as e:  # no driver, or a CuPy built for another CUDA version than the driver's
+        return False, f"no usable GPU for CuPy ({type(e).__name__}: {e})"
+
+
 def header(*values):
     # llm.c's 1024-byte header: 256 little-endian int32, these values first, zeros after
     return struct.pack("<256i", *values, *([0] * (256 - len(values))))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
-from helpers import MODEL, ROOT, assert_one_error_line, run, write_tokens
+from helpers import MODEL, ROOT, assert_one_error_line, run, usable_gpu, write_tokens
 
 # MODEL is the tiny fixture: V = 777, maxT = 64
 
@@ -196,12 +196,8 @@ def test_tiktoken_is_loaded_once():
 # the GPU option on a machine without one
 
 def test_device_cuda_without_cupy_or_gpu_is_one_line(tmp_path):
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            pytest.skip("a GPU is usable here: the error cannot happen")
-    except Exception:
-        pass
+    if usable_gpu()[0]:
+        pytest.skip("a GPU is usable here: the error cannot happen")
     for script in ("train_gpt2.py", "test_gpt2.py"):
         result = run(script, "--device", "cuda", "--checkpoint", MODEL, cwd=tmp_path)
         assert_one_error_line(result, "--device cuda", "cupy-cuda12x")

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
-from helpers import FIXTURE_ARGS, MODEL, run, write_tokens
+from helpers import FIXTURE_ARGS, MODEL, run, usable_gpu, write_tokens
 
-try:
+GPU, _why = usable_gpu()
+if GPU:
     import cupy
-    GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # no CuPy, or no driver
-    GPU = False
-pytestmark = pytest.mark.skipif(not GPU, reason="needs CuPy and an NVIDIA GPU (--device cuda)")
+pytestmark = pytest.mark.skipif(not GPU, reason=f"needs CuPy and an NVIDIA GPU (--device cuda): {_why}")
 
 
 @pytest.fixture(params=["fused", "plain"])

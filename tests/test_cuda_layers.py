@@ -15,16 +15,14 @@ import inspect
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install cupy-cuda12x or cupy-cuda13x)",
-                           exc_type=ImportError)
-try:
-    _gpus, _why = cupy.cuda.runtime.getDeviceCount(), "CUDA sees no GPU"
-except Exception as e:  # no driver, or a CuPy built for another CUDA version than the driver's
-    _gpus, _why = 0, f"{type(e).__name__}: {e}"
-if _gpus == 0:
-    pytest.skip(f"no usable GPU for CuPy ({_why})", allow_module_level=True)
+from helpers import usable_gpu
 
-import cuda_layers as cl  # noqa: E402 (only with a GPU)
+_gpu, _why = usable_gpu()
+if not _gpu:
+    pytest.skip(_why, allow_module_level=True)
+
+import cupy  # noqa: E402 (only with a GPU)
+import cuda_layers as cl  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 RTOL = 1e-5  # float32 reassociation: the sums add the same terms in another order
