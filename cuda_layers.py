@@ -5,8 +5,10 @@ With xp = cupy, every layer of train_gpt2.py already runs on the GPU as written,
 as layernorm is a chain of a dozen array operations, each one a kernel launch and a pass over
 memory. Here the layers that profiling showed to matter are written again as one (or a few) CUDA
 kernels each, with CuPy's own tools: ElementwiseKernel when the formula is one line per element,
-RawKernel when a row must be reduced first. Attention's matrix products call cuBLAS's
-strided-batched GEMM directly, with TF32 tensor cores (CuPy's 3-D `@` does not use them).
+RawKernel otherwise. Attention's matrix products call cuBLAS's strided-batched GEMM directly, with
+TF32 tensor cores (CuPy's 3-D `@` does not use them), by blocks of rows; or, with --attention flash,
+attention is one pass of our own on the tensor cores (WMMA), FlashAttention's way. The GPU's
+encoder backward adds in a fixed order (no atomics), so that a GPU run is bit-for-bit reproducible.
 
 The contract: every function here has exactly the signature and the semantics of the plain layer
 of the same name in train_gpt2.py (the same arguments, results and shapes, the same in-place writes
@@ -28,7 +30,8 @@ floatX (float or __nv_bfloat16, llm.c's name), and compiled for the dtype of the
 CuPy compiles every kernel with -ftz=true: results below 1e-38 flush to zero.
 
 Nothing here touches the GPU when the module is imported: CuPy compiles each kernel at its first
-launch (and caches the binary on disk, in ~/.cupy/kernel_cache).
+launch (and caches the binary on disk, in ~/.cupy/kernel_cache). Without a GPU, the tests run these
+kernels on a CPU simulation of CuPy (tests/cudasim, CUDASIM=1).
 """
 
 import functools
