@@ -166,6 +166,11 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// which warp of the whole grid this thread belongs to (kernels with a warp per row)
+__device__ __forceinline__ int warp_index() {
+    return blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
     return v;
@@ -281,7 +286,7 @@ _MATVEC_SRC = _CUDA_COMMON + r"""
 // out[o] = sum over c of weight[o, c] * inp[c] + bias[o] (+ 0 without a bias); one warp per o
 extern "C" __global__ void matvec_forward_kernel(
         floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, int C, int OC, int has_bias) {
-    int o = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int o = warp_index();
     int lane = threadIdx.x % WARP_SIZE;
     if (o >= OC) return;
     const floatX* w = weight + (long long)o * C;
@@ -324,7 +329,18 @@ def matmul_forward(inp, weight, bias):
 # the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several times
 # faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
 
-_ones = {}  # a vector of ones for each length asked for, made once
+_ones = {}  # a vector of ones for each length and dtype asked for, made once
+
+
+def _into_gradients(gradients, write):
+    # write(*targets) writes the parameters' gradients: each straight into the model's float32 buffer
+    # when it is contiguous (a slice of grads_memory always is), else into a scratch array, copied over
+    targets = [g if g.flags.c_contiguous and g.dtype == np.float32 else cupy.empty(g.shape, dtype=np.float32)
+               for g in gradients]
+    write(*targets)
+    for gradient, target in zip(gradients, targets):
+        if target is not gradient:
+            gradient[...] = target
 
 
 def matmul_backward(dout, cache, dweight, dbias):
@@ -335,27 +351,16 @@ def matmul_backward(dout, cache, dweight, dbias):
     dout2d = cupy.ascontiguousarray(dout).reshape(B * T, OC)  # (B*T,OC)
     dinp = dout2d @ weight  # (B*T,OC) @ (OC,C) -> (B*T,C)
     # dweight = dout^T @ inp: (OC,B*T) @ (B*T,C) -> (OC,C)
-    _into_gradient(dweight, lambda target: _batched_matmul(
+    _into_gradients([dweight], lambda target: _batched_matmul(
         dout2d.reshape(1, B * T, OC), cupy.ascontiguousarray(inp).reshape(1, B * T, C), target.reshape(1, OC, C),
         transpose_a=True))
     if dbias is not None:
         key = (B * T, dout.dtype)
         if key not in _ones:
             _ones[key] = cupy.ones((1, 1, B * T), dtype=dout.dtype)
-        _into_gradient(dbias, lambda target: _batched_matmul(
+        _into_gradients([dbias], lambda target: _batched_matmul(
             _ones[key], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False))
     return dinp.reshape(B, T, C)
-
-
-def _into_gradient(gradient, write):
-    # write(target) writes a parameter's gradient: straight into the model's float32 buffer when it is
-    # contiguous (a slice of grads_memory always is), else into a scratch copy, then copied over
-    if gradient.flags.c_contiguous and gradient.dtype == np.float32:
-        write(gradient)
-    else:
-        target = cupy.empty(gradient.shape, dtype=np.float32)
-        write(target)
-        gradient[...] = target
 
 
 # ----------------------------------------------------------------------------
@@ -369,7 +374,7 @@ _LAYERNORM_SRC = _CUDA_COMMON + r"""
 extern "C" __global__ void layernorm_forward_kernel(
         floatX* out, float* mean, float* rstd,
         const floatX* inp, const floatX* weight, const floatX* bias, int N, int C) {
-    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;  // (b,t), of N = B*T
+    int row = warp_index();  // (b,t), of N = B*T
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= N) return;  // (the whole warp leaves together: its shuffles stay complete)
     const floatX* x = inp + (long long)row * C;
@@ -510,18 +515,8 @@ def layernorm_backward(dout, cache, dweight, dbias):
         (nblocks,), (warps * WARP_SIZE,),
         (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C), np.int32(rows_per_block)),
         shared_mem=warps * 2 * C * 4)
-    # the kernel writes the model's gradient buffers directly when it can (they are contiguous
-    # slices of grads_memory), else a scratch copy
-    direct = [isinstance(g, cupy.ndarray) and g.dtype == cupy.float32 and g.flags.c_contiguous
-              and g.shape == (C,) for g in (dbias, dweight)]
-    db = dbias if direct[0] else cupy.empty(C, dtype=cupy.float32)
-    dw = dweight if direct[1] else cupy.empty(C, dtype=cupy.float32)
-    _kernel(_LAYERNORM_SRC, "layernorm_param_sums_kernel", inp.dtype)(
-        (_ceil_div(2 * C, WARP_SIZE),), (WARP_SIZE, WARP_SIZE), (db, dw, partial, np.int32(nblocks), np.int32(C)))
-    if not direct[0]:
-        dbias[...] = db
-    if not direct[1]:
-        dweight[...] = dw
+    _into_gradients([dbias, dweight], lambda db, dw: _kernel(_LAYERNORM_SRC, "layernorm_param_sums_kernel", inp.dtype)(
+        (_ceil_div(2 * C, WARP_SIZE),), (WARP_SIZE, WARP_SIZE), (db, dw, partial, np.int32(nblocks), np.int32(C))))
     return dinp
 
 
@@ -555,7 +550,7 @@ __device__ __forceinline__ int block_end(int t, int T, int block) {
 // backward pass needs to rebuild att. One warp per row; row = (b * NH + h) * T + t.
 extern "C" __global__ void attention_softmax_kernel(
         floatX* att, float* lse, const float* preatt, int rows, int T, float scale, int block) {
-    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int row = warp_index();
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;  // the query's position: it sees keys t2 = 0..t
@@ -584,7 +579,7 @@ extern "C" __global__ void attention_softmax_kernel(
 // att = exp(scale * preatt - lse) = exp(scale * preatt - max) / sum, where t2 <= t. One warp per row.
 extern "C" __global__ void attention_recompute_kernel(
         floatX* att, const float* preatt, const float* lse, int rows, int T, float scale, int block) {
-    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int row = warp_index();
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;
@@ -601,7 +596,7 @@ extern "C" __global__ void attention_recompute_kernel(
 // warp per row.
 extern "C" __global__ void attention_softmax_backward_kernel(
         floatX* att, const float* datt, int rows, int T, float scale, int block) {
-    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int row = warp_index();
     int lane = threadIdx.x % WARP_SIZE;
     if (row >= rows) return;
     int t = row % T;

@@ -311,7 +311,7 @@ def copy_weights(model):
     if floatX == np.float32:  # (the parameters' own dtype: float64 too, as the gradient checks use)
         model.weights_memory, model.weights = model.params_memory, model.params
         return
-    if getattr(model, "weights_memory", None) is None or model.weights_memory.dtype != floatX:
+    if model.weights_memory is None or model.weights_memory.dtype != floatX:
         model.weights_memory = xp.empty(model.params_memory.shape, dtype=floatX)
         model.weights = point_parameters(model.weights_memory, model.config)
     model.weights_memory[...] = model.params_memory  # (a cast: float32 to floatX)
