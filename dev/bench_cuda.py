@@ -170,9 +170,10 @@ def peak_tflops(gpu_name, dtype="fp32"):
     # table the dense bf16 figure is twice the TF32 one for every architecture that has bf16 (Volta has not).
     if gpu_name not in GPU_TABLE:
         return None
-    (tf32, cores, mhz), new_cores, new_mhz = GPU_TABLE[gpu_name]
-    if dtype == "bf16" and cores == VOLTA[1] and mhz == VOLTA[2]:
+    architecture, new_cores, new_mhz = GPU_TABLE[gpu_name]
+    if dtype == "bf16" and architecture is VOLTA:
         return None
+    tf32, cores, mhz = architecture
     return tf32 * (2 if dtype == "bf16" else 1) * (new_cores / cores) * (new_mhz / mhz)
 
 
