@@ -743,11 +743,17 @@ template <typename Tile> __device__ __forceinline__ void load_tile(Tile& tile, c
 #endif
 }
 
+// Registers. A loop over an array of tiles (acc[n], a[kk]) must be unrolled, or the array goes to
+// local memory; the loops around those, and the softmax's, are left rolled (or unrolled by 4). Fully
+// unrolled, every kernel took all 255 registers a thread may have (2 blocks of 128 threads on a
+// multiprocessor) and TF32's backward kernels spilled to local memory; as here, ptxas gives them
+// (sm_90, forward / dq / dk,dv) 128 / 127 / 168 registers in bf16, 4 / 4 / 3 blocks per multiprocessor,
+// and 166 / 166 / 255 in TF32, without spills (dev/check_kernels.py prints these; a test keeps it so).
+
 // out (16, HS) = a (16, K) @ b (K, HS) added to acc, a from shared memory (ldm lda), b rows of a
 // (T, ...) matrix in global memory (ldm ldb): the product of a row block with 64 keys' values
-// (every loop over tiles is unrolled, so that the arrays of tiles stay in registers)
 __device__ __forceinline__ void tiles_times_rows(tile_acc* acc, const floatX* a, int lda, const floatX* b, long long ldb) {
-#pragma unroll
+#pragma unroll 1
     for (int kk = 0; kk < KEYS / WMMA_K; kk++) {
         tile_a at;
         load_tile(at, a + kk * WMMA_K, lda);
@@ -762,7 +768,7 @@ __device__ __forceinline__ void tiles_times_rows(tile_acc* acc, const floatX* a,
 
 // scores (16, KEYS) = a (16, HS, as tiles) @ rows^T, rows the KEYS rows (HS wide) at b, ldm ldb
 __device__ __forceinline__ void tiles_times_rows_t(float* scores, const tile_a* a, const floatX* b, long long ldb) {
-#pragma unroll
+#pragma unroll 1
     for (int n = 0; n < KEYS / 16; n++) {
         tile_acc acc;
         wmma::fill_fragment(acc, 0.0f);
@@ -819,12 +825,14 @@ extern "C" __global__ void flash_attention_forward_kernel(
         __syncwarp();
         // the online softmax: the new max, the old sum rescaled, the new weights P
         float mx = NEG_FLT_MAX;
+#pragma unroll 4
         for (int i = 0; i < KEYS / 2; i++) {
             int c = column(i, r, half);
             if (k0 + c <= t) mx = fmaxf(mx, scale * scores[r * KEYS + c]);
         }
         float m_new = fmaxf(m, fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1)));
         float alpha = expf(m - m_new), sum = 0.0f;
+#pragma unroll 4
         for (int i = 0; i < KEYS / 2; i++) {
             int c = column(i, r, half);
             float p = k0 + c <= t ? expf(scale * scores[r * KEYS + c] - m_new) : 0.0f;
@@ -896,6 +904,7 @@ extern "C" __global__ void flash_attention_backward_dq_kernel(
     for (int k0 = 0; k0 <= q0 + 15; k0 += KEYS) {
         tiles_times_rows_t(scores, qt, k + k0 * ld, ld);  // q @ k^T
         __syncwarp();
+#pragma unroll 4
         for (int i = 0; i < KEYS / 2; i++) {  // P = exp(scale * q @ k^T - lse)
             int c = column(i, r, half);
             probs[r * KEYS + c] = (floatX)(k0 + c <= t ? expf(scale * scores[r * KEYS + c] - row_lse) : 0.0f);
@@ -903,6 +912,7 @@ extern "C" __global__ void flash_attention_backward_dq_kernel(
         __syncwarp();
         tiles_times_rows_t(scores, dyt, v + k0 * ld, ld);  // dP = dout @ v^T
         __syncwarp();
+#pragma unroll 4
         for (int i = 0; i < KEYS / 2; i++) {  // dS = P (dP - delta), over P
             int c = column(i, r, half);
             probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] * (scores[r * KEYS + c] - row_delta));
@@ -921,6 +931,7 @@ extern "C" __global__ void flash_attention_backward_dkdv_kernel(
         int T, int NH, float scale) {
     __shared__ __align__(32) float scores_all[WARPS][16 * OUT_LD];  // scores^T, then dP^T, at last dk, dv
     __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P^T, then dS^T
+    __shared__ float lse_all[WARPS][KEYS], delta_all[WARPS][KEYS];  // the queries' lse and delta
     int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
     long long ld = 3LL * C;
@@ -931,6 +942,7 @@ extern "C" __global__ void flash_attention_backward_dkdv_kernel(
     const floatX* dy = dout + (long long)b * T * C + h * HS;  // position 0's
     float* scores = scores_all[warp];
     floatX* probs = probs_all[warp];
+    float *q_lse = lse_all[warp], *q_delta = delta_all[warp];
     tile_a kt[HS / WMMA_K], vt[HS / WMMA_K];
     for (int kk = 0; kk < HS / WMMA_K; kk++) {
         load_tile(kt[kk], k + kk * WMMA_K, ld);
@@ -944,19 +956,24 @@ extern "C" __global__ void flash_attention_backward_dkdv_kernel(
     int r = lane / 2, half = lane % 2, key = key0 + r;  // lanes 2r, 2r+1: key's row of P^T, halves of its queries
     for (int q0 = blockIdx.x * ROWS; q0 < T; q0 += KEYS) {
         tiles_times_rows_t(scores, kt, q + q0 * ld, ld);  // scores^T = k @ q^T
+        for (int j = lane; j < KEYS; j += WARP_SIZE) {  // the queries' lse and delta, read once
+            q_lse[j] = lse[(long long)bh * T + q0 + j];
+            q_delta[j] = delta[(long long)bh * T + q0 + j];
+        }
         __syncwarp();
+#pragma unroll 4
         for (int i = 0; i < KEYS / 2; i++) {  // P^T, where query q0 + c sees the key
-            int c = column(i, r, half), t = q0 + c;
-            probs[r * KEYS + c] = (floatX)(t >= key ? expf(scale * scores[r * KEYS + c] - lse[(long long)bh * T + t]) : 0.0f);
+            int c = column(i, r, half);
+            probs[r * KEYS + c] = (floatX)(q0 + c >= key ? expf(scale * scores[r * KEYS + c] - q_lse[c]) : 0.0f);
         }
         __syncwarp();
         tiles_times_rows(dv, probs, KEYS, dy + q0 * (long long)C, C);  // dv += P^T @ dout
         tiles_times_rows_t(scores, vt, dy + q0 * (long long)C, C);  // dP^T = v @ dout^T
         __syncwarp();
+#pragma unroll 4
         for (int i = 0; i < KEYS / 2; i++) {  // dS^T = P^T (dP^T - delta), over P^T
             int c = column(i, r, half);
-            probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] *
-                                           (scores[r * KEYS + c] - delta[(long long)bh * T + q0 + c]));
+            probs[r * KEYS + c] = (floatX)((float)probs[r * KEYS + c] * (scores[r * KEYS + c] - q_delta[c]));
         }
         __syncwarp();
         tiles_times_rows(dk, probs, KEYS, q + q0 * ld, ld);  // dk += dS^T @ q

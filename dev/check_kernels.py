@@ -1,0 +1,219 @@
+"""
+Compile every CUDA kernel of cuda_layers.py with NVIDIA's runtime compiler, NVRTC, as CuPy will on a
+GPU, but without one: each kernel source, for each activation dtype (float32, bfloat16) and each GPU
+architecture asked for. Prints what ptxas says of each kernel: registers per thread, bytes spilled
+to local memory, static shared memory, and for the flash attention kernels (the ones with many
+registers), how many of their 128-thread blocks that leaves room for on one multiprocessor (the
+"theoretical occupancy" a profiler reports).
+
+    pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt   # CUDA 13's NVRTC and headers
+    python dev/check_kernels.py                       # sm_80 (A100) and sm_90 (H100)
+    python dev/check_kernels.py --arch 90 --only flash
+
+Exit status 1 if a kernel does not compile, or spills registers (--allow-spills reports them only).
+
+Why: the CPU simulation of the tests (tests/cudasim) compiles the kernels with g++ against an
+emulation of the CUDA headers, so it checks what they compute, not that NVIDIA's compiler takes them
+(CUDA's own bfloat16 conversions, WMMA's real headers), and it says nothing of registers. This does,
+with the same options CuPy passes to NVRTC (C++17, the CUDA headers on the include path) and, as CuPy
+does for a GPU its NVRTC knows, straight to the GPU's machine code (-arch=sm_XX), which runs ptxas.
+
+What the headers need: cuda_bf16.h comes with the CUDA runtime's headers (the nvidia-cuda-runtime
+wheel); WMMA's mma.h, for the flash attention kernels, includes crt/mma.h, which CUDA 13's wheels
+ship apart, in nvidia-cuda-crt. A CUDA toolkit's include directory has both (--include, or CUDA_PATH).
+The AdamW ElementwiseKernel is not here: CuPy writes its source, from CuPy's own headers.
+
+Without CuPy, cuda_layers.py is imported through the CPU simulation in tests/cudasim, which gives it
+the names it needs at import; only the kernel sources are used.
+"""
+
+import argparse
+import ctypes
+import glob
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ptxas's limits for the architectures we know (A100, H100): registers and shared memory per
+# multiprocessor, blocks per multiprocessor
+SM_LIMITS = {"80": (65536, 164 * 1024, 32), "86": (65536, 100 * 1024, 16), "89": (65536, 100 * 1024, 24),
+             "90": (65536, 228 * 1024, 32)}
+
+
+def import_cuda_layers():
+    # cuda_layers.py imports CuPy at the top; without it, the simulation gives it what it needs
+    sys.path.insert(0, ROOT)
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, os.path.join(ROOT, "tests", "cudasim"))
+    import cuda_layers
+    return cuda_layers
+
+
+def kernel_sources(cuda_layers):
+    # every kernel source of cuda_layers.py: its module-level strings that define a __global__ function,
+    # by name, with the kernels each defines
+    sources = {}
+    for name, value in sorted(vars(cuda_layers).items()):
+        if isinstance(value, str) and "__global__" in value:
+            kernels = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", value)
+            sources[name] = (value, kernels)
+    return sources
+
+
+def _nvidia_dirs():
+    # the directories of NVIDIA's pip wheels: nvidia/cu13 (CUDA 13) and nvidia/cuda_* (CUDA 12)
+    dirs = []
+    for entry in sys.path:
+        base = os.path.join(entry or ".", "nvidia")
+        if os.path.isdir(base):
+            dirs += sorted(glob.glob(os.path.join(base, "cu1*"))) + sorted(glob.glob(os.path.join(base, "cuda_*")))
+    cuda_path = os.environ.get("CUDA_PATH") or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return dirs + [cuda_path]
+
+
+def find_nvrtc():
+    for d in _nvidia_dirs():
+        for sub in ("lib", "lib64"):
+            found = sorted(glob.glob(os.path.join(d, sub, "libnvrtc.so*")))
+            found = [f for f in found if "builtins" not in f and "alt" not in os.path.basename(f)]
+            if found:
+                return found[-1]
+    return None
+
+
+def find_include():
+    # the first include directory with cuda_bf16.h, and whether mma.h's crt/mma.h is there too (the
+    # runtime's headers and crt's share nvidia/cu13/include; CUDA 12's wheels keep them apart)
+    for d in _nvidia_dirs():
+        inc = os.path.join(d, "include")
+        if os.path.exists(os.path.join(inc, "cuda_bf16.h")):
+            return inc
+    return None
+
+
+class NVRTC:
+    # the few calls of NVRTC's C API we need, through ctypes
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        self.version = f"{major.value}.{minor.value}"
+
+    def compile(self, source, options):
+        # (ok, log): NVRTC's result, and its log, where ptxas writes its info lines (-Xptxas -v)
+        prog = ctypes.c_void_p()
+        status = self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None)
+        if status != 0:
+            return False, f"nvrtcCreateProgram failed ({status})"
+        try:
+            opts = [o.encode() for o in options]
+            status = self.lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+            size = ctypes.c_size_t()
+            self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            self.lib.nvrtcGetProgramLog(prog, log)
+            return status == 0, log.value.decode(errors="replace")
+        finally:
+            self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def parse_ptxas(log):
+    # {kernel: (registers, spill store bytes, spill load bytes, static shared memory bytes)} from ptxas -v
+    info = {}
+    for match in re.finditer(r"Function properties for (\w+)\n(.*?)(?=Compiling entry|Function properties|\Z)", log, re.S):
+        name, text = match.groups()
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        regs = re.search(r"Used (\d+) registers", text)
+        smem = re.search(r"(\d+) bytes smem", text)
+        info[name] = (int(regs.group(1)) if regs else 0, int(spills.group(1)) if spills else 0,
+                      int(spills.group(2)) if spills else 0, int(smem.group(1)) if smem else 0)
+    return info
+
+
+def blocks_per_sm(arch, threads, regs, smem):
+    # how many blocks of `threads` fit on one multiprocessor, by registers (allocated per warp, in
+    # units of 256) and by shared memory (1 KB reserved per block), whichever runs out first
+    if arch not in SM_LIMITS:
+        return None
+    sm_regs, sm_smem, sm_blocks = SM_LIMITS[arch]
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = sm_regs // (regs_per_warp * warps)
+    by_smem = sm_smem // (smem + 1024) if smem else sm_blocks
+    return min(by_regs, by_smem, sm_blocks, 2048 // threads)
+
+
+def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_path=None, include=None):
+    # compiles every kernel source for every (arch, dtype); returns (rows, errors): a row per kernel,
+    # (arch, dtype, source, kernel, regs, spill stores, spill loads, smem), and a line per failure
+    cuda_layers = import_cuda_layers()
+    nvrtc = NVRTC(nvrtc_path or find_nvrtc())
+    include = include or find_include()
+    rows, errors = [], []
+    for arch in arches:
+        for dtype in dtypes:
+            for name, (source, kernels) in kernel_sources(cuda_layers).items():
+                if only and only not in name.lower():
+                    continue
+                options = ["--std=c++17", f"-I{include}", f"-arch=sm_{arch}", "-Xptxas", "-v"]
+                ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, options)
+                if not ok:
+                    errors.append(f"{name} ({dtype}, sm_{arch}) does not compile:\n{log.strip()}")
+                    continue
+                warnings = [line for line in log.splitlines() if "warning" in line and "spill" not in line]
+                errors += [f"{name} ({dtype}, sm_{arch}): {w.strip()}" for w in warnings]
+                info = parse_ptxas(log)
+                for kernel in kernels:
+                    if kernel not in info:
+                        errors.append(f"{name} ({dtype}, sm_{arch}): ptxas said nothing of {kernel}")
+                        continue
+                    rows.append((arch, dtype, name, kernel) + info[kernel])
+    return nvrtc, include, rows, errors
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["80", "90"], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--only", help="only the sources whose name contains this (e.g. flash, layernorm)")
+    parser.add_argument("--nvrtc", help="path of libnvrtc.so (default: NVIDIA's wheels, then CUDA_PATH)")
+    parser.add_argument("--include", help="the CUDA headers' directory (default: NVIDIA's wheels, then CUDA_PATH)")
+    parser.add_argument("--allow-spills", action="store_true", help="report spilled registers, do not fail on them")
+    args = parser.parse_args()
+    nvrtc_path, include = args.nvrtc or find_nvrtc(), args.include or find_include()
+    if nvrtc_path is None:
+        print("error: no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc, or set CUDA_PATH or --nvrtc",
+              file=sys.stderr)
+        sys.exit(2)
+    if include is None:
+        print("error: no CUDA headers found (cuda_bf16.h): pip install nvidia-cuda-runtime nvidia-cuda-crt, "
+              "or set CUDA_PATH or --include", file=sys.stderr)
+        sys.exit(2)
+    try:
+        nvrtc, include, rows, errors = check(args.arch, args.dtype, args.only, nvrtc_path, include)
+    except OSError as e:
+        print(f"error: {nvrtc_path} does not load: {e}", file=sys.stderr)
+        sys.exit(2)
+    cuda_layers = import_cuda_layers()
+    print(f"NVRTC {nvrtc.version} ({nvrtc_path}), headers {include}")
+    print(f"{'arch':6s} {'dtype':9s} {'kernel':42s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} {'blocks/SM':>9s}")
+    spills = 0
+    for arch, dtype, _, kernel, regs, spill_st, spill_ld, smem in rows:
+        fit = None
+        if kernel.startswith("flash_attention") and kernel != "flash_attention_delta_kernel":
+            fit = blocks_per_sm(arch, cuda_layers.FLASH_WARPS * 32, regs, smem)
+        print(f"sm_{arch:3s} {dtype:9s} {kernel:42s} {regs:5d} {f'{spill_st}/{spill_ld}':>12s} {smem:7d} "
+              f"{'-' if fit is None else fit:>9}")
+        spills += spill_st > 0 or spill_ld > 0
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{len(rows)} kernels compiled, {len(errors)} errors, {spills} spilling registers")
+    sys.exit(1 if errors or (spills and not args.allow_spills) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Every CUDA kernel of cuda_layers.py through NVIDIA's own compiler (NVRTC, with -arch=sm_80 and sm_90,
+as CuPy compiles them on an A100 or an H100), without a GPU: dev/check_kernels.py. The CPU simulation
+(tests/cudasim) checks what the kernels compute, with g++; this checks that NVRTC takes them, with
+CUDA's real bfloat16 and WMMA headers, and that ptxas needs no local memory for their registers.
+Skipped without NVRTC and the CUDA headers (pip install nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cuda-crt: requirements-dev.txt has them, for Linux)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "dev"))
+import check_kernels  # noqa: E402
+
+NVRTC, INCLUDE = check_kernels.find_nvrtc(), check_kernels.find_include()
+pytestmark = pytest.mark.skipif(
+    NVRTC is None or INCLUDE is None,
+    reason="needs NVRTC and the CUDA headers: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt")
+
+SCRIPT = os.path.join(ROOT, "dev", "check_kernels.py")
+
+
+def check(*args, code=None):
+    # dev/check_kernels.py in a process of its own (without CuPy it imports cuda_layers.py through the
+    # simulation, which must not leak into this one), or `code` run after importing it
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "dev"))
+    command = [sys.executable, SCRIPT, *args] if code is None else [sys.executable, "-c", code]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills():
+    result = check("--arch", "80", "90")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^sm_(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)/(\d+)", result.stdout, re.M)
+    # every kernel named in a source, once per (arch, dtype): a check that found nothing would say nothing
+    names = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(",
+                           open(os.path.join(ROOT, "cuda_layers.py")).read()))
+    assert len(names) >= 17 and "flash_attention_backward_dkdv_kernel" in names
+    for arch in ("80", "90"):
+        for dtype in ("float32", "bfloat16"):
+            assert {kernel for a, d, kernel, *_ in rows if (a, d) == (arch, dtype)} == names
+    assert all(spill_st == spill_ld == "0" for *_, spill_st, spill_ld in rows)
+    assert re.search(r"^\d+ kernels compiled, 0 errors, 0 spilling registers$", result.stdout, re.M)
+
+
+def test_a_kernel_that_does_not_compile_is_an_error():
+    # GeLU's source with a line that is not C++: the check must fail, and say which source and why
+    code = ("import check_kernels, sys\n"
+            "cl = check_kernels.import_cuda_layers()\n"
+            "cl._GELU_SRC += 'float gelu_constant = undeclared_name;\\n'\n"
+            "rows, errors = check_kernels.check(('90',), ('float32',), only='gelu')[2:]\n"
+            "print(len(rows), len(errors)); print(errors[0])\n")
+    result = check(code=code)
+    assert result.returncode == 0, result.stderr
+    count, error = result.stdout.split("\n", 1)
+    assert count == "0 1" and error.startswith("_GELU_SRC (float32, sm_90) does not compile") and "undeclared_name" in error
+
+
+def test_spilled_registers_are_seen():
+    # a kernel that needs more registers than __launch_bounds__ leaves it spills to local memory
+    code = ("import check_kernels\n"
+            "cl = check_kernels.import_cuda_layers()\n"
+            "cl._FLASH_SRC = cl._FLASH_SRC.replace('extern \"C\" __global__ void flash_attention_backward_dkdv_kernel',"
+            " 'extern \"C\" __global__ void __launch_bounds__(128, 4) flash_attention_backward_dkdv_kernel')\n"
+            "rows = check_kernels.check(('90',), ('float32',), only='flash')[2]\n"
+            "print([r[3] for r in rows if r[5] > 0])\n")
+    result = check(code=code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['flash_attention_backward_dkdv_kernel']"
