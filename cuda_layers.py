@@ -1003,6 +1003,8 @@ def compile_flash_attention(dtype):
             _kernel(_FLASH_SRC, name, dtype).compile()
     except Exception as e:  # noqa: BLE001 (NVRTC's errors, whatever their class)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "mma.h" in str(e):  # CUDA 13's wheels ship mma.h's crt/mma.h apart from the runtime's headers
+            reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
         raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
 
 
