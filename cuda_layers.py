@@ -800,11 +800,33 @@ __device__ __forceinline__ int column(int i, int r, int half) {
     return half * (KEYS / 2) + (i + r + 16 * half) % (KEYS / 2);
 }
 
+// The output's rows are rescaled as the softmax's max grows, each by its own factor. The output stays
+// in accumulator tiles, whose elements WMMA lays out over the lanes as the hardware likes, so we ask
+// it once which row each of a lane's elements belongs to: load a tile whose elements are their row
+// numbers. (Every accumulator tile of one type has the same layout.)
+__device__ __forceinline__ void load_row_numbers(tile_acc& rows, float* scratch) {
+    for (int i = threadIdx.x % WARP_SIZE; i < 16 * 16; i += WARP_SIZE) scratch[i] = (float)(i / 16);
+    __syncwarp();
+    wmma::load_matrix_sync(rows, scratch, 16, wmma::mem_row_major);
+    __syncwarp();
+}
+
+// acc[n] *= row_scale[row] for each element, row as in rows (load_row_numbers)
+__device__ __forceinline__ void scale_rows(tile_acc* acc, const tile_acc& rows, const float* row_scale) {
+#pragma unroll
+    for (int i = 0; i < rows.num_elements; i++) {
+        float s = row_scale[(int)rows.x[i]];
+#pragma unroll
+        for (int n = 0; n < HS / 16; n++) acc[n].x[i] *= s;
+    }
+}
+
 // out (B,T,C) and lse (B,NH,T) from inp (B,T,3C); grid (T / ROWS, B * NH), WARPS warps
 extern "C" __global__ void flash_attention_forward_kernel(
         floatX* out, float* lse, const floatX* inp, int T, int NH, float scale) {
-    __shared__ __align__(32) float scores_all[WARPS][16 * OUT_LD];  // the scores, then P @ v
+    __shared__ __align__(32) float scores_all[WARPS][16 * OUT_LD];  // the scores, at last the output
     __shared__ __align__(32) floatX probs_all[WARPS][16 * KEYS];  // P
+    __shared__ float row_scale_all[WARPS][16];  // each row's factor for the output: alpha, at last 1 / l
     int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * HS;
     long long ld = 3LL * C;  // from one position's q (or k, v) to the next's
@@ -814,12 +836,16 @@ extern "C" __global__ void flash_attention_forward_kernel(
     const floatX* v = k + C;
     float* scores = scores_all[warp];
     floatX* probs = probs_all[warp];
+    float* row_scale = row_scale_all[warp];
     tile_a qt[HS / WMMA_K];
     for (int kk = 0; kk < HS / WMMA_K; kk++) load_tile(qt[kk], q + kk * WMMA_K, ld);
+    tile_acc rows, o[HS / 16];  // the output: (16, HS) as 4 tiles
+    load_row_numbers(rows, scores);
+#pragma unroll
+    for (int n = 0; n < HS / 16; n++) wmma::fill_fragment(o[n], 0.0f);
     // lanes 2r and 2r+1 own row r: query t, the first and the second half of the columns
     int r = lane / 2, half = lane % 2, t = q0 + r;
-    float m = NEG_FLT_MAX, l = 0.0f, o[HS / 2];
-    for (int j = 0; j < HS / 2; j++) o[j] = 0.0f;
+    float m = NEG_FLT_MAX, l = 0.0f;
     for (int k0 = 0; k0 <= q0 + 15; k0 += KEYS) {  // (then k0 <= q0 <= t: every row sees key k0)
         tiles_times_rows_t(scores, qt, k + k0 * ld, ld);  // q @ k^T for keys k0 .. k0 + KEYS
         __syncwarp();
@@ -841,25 +867,18 @@ extern "C" __global__ void flash_attention_forward_kernel(
         }
         l = l * alpha + sum + __shfl_xor_sync(0xffffffff, sum, 1);
         m = m_new;
+        if (half == 0) row_scale[r] = alpha;
         __syncwarp();
-        // o = alpha o + P @ v (the product through scores' memory)
-        tile_acc pv[HS / 16];
-#pragma unroll
-        for (int n = 0; n < HS / 16; n++) wmma::fill_fragment(pv[n], 0.0f);
-        tiles_times_rows(pv, probs, KEYS, v + k0 * ld, ld);
-#pragma unroll
-        for (int n = 0; n < HS / 16; n++) wmma::store_matrix_sync(scores + 16 * n, pv[n], OUT_LD, wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int j = 0; j < HS / 2; j++) o[j] = alpha * o[j] + scores[r * OUT_LD + half * HS / 2 + j];
+        // o = alpha o + P @ v
+        scale_rows(o, rows, row_scale);
+        tiles_times_rows(o, probs, KEYS, v + k0 * ld, ld);
         __syncwarp();
     }
     // out = o / l, through shared memory so that each row is written by the 32 lanes side by side
-    for (int j = 0; j < HS / 2; j++) scores[r * OUT_LD + half * HS / 2 + j] = o[j] / l;
+    if (half == 0) row_scale[r] = 1.0f / l;
     __syncwarp();
-    floatX* out_rows = out + ((long long)b * T + q0) * C + h * HS;
-    for (int row = 0; row < 16; row++)
-        for (int j = lane; j < HS; j += WARP_SIZE) out_rows[row * C + j] = (floatX)scores[row * OUT_LD + j];
+    scale_rows(o, rows, row_scale);
+    store_rows(out + ((long long)b * T + q0) * C + h * HS, C, o, scores, 1.0f);
     if (half == 0) lse[(long long)bh * T + t] = m + logf(l);
 }
 
