@@ -84,8 +84,9 @@ def bfloat16():
     if capability < 80:
         raise RuntimeError(f"needs a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, or later); "
                            f"this one is {capability / 10:.1f}: use --dtype fp32")
-    try:
-        cupy.ones(2, dtype=bfloat16).astype(np.float32)
+    try:  # what we ask of CuPy's own bfloat16 code: fill, add, a 2-D product (cuBLAS), conversion
+        a = cupy.ones((2, 2), dtype=bfloat16)
+        ((a + a) @ a).astype(np.float32)
     except Exception as e:  # noqa: BLE001 (whatever an older CuPy raises: its reason goes in the message)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"CuPy {cupy.__version__} cannot make bfloat16 arrays here ({reason}): it needs CuPy 14 or "

@@ -747,8 +747,9 @@ def sample_token(logits, V, rng_state, temperature=1.0, top_k=0):
     # top-k this is exactly llm.c's sampler: softmax over the first V logits, then the inverse CDF
     # at a random coin. A temperature below 1 sharpens the distribution, above 1 flattens it;
     # top-k keeps only the k most likely tokens (top-k 1 always takes the most likely: greedy).
-    # On a GPU the softmax runs there too, and only the probabilities come to the host.
-    logits = logits[:V]
+    # On a GPU the softmax runs there too, and only the probabilities come to the host. The logits
+    # of a --dtype bf16 forward become float32 first (CuPy 14 cannot sort, so partition, bfloat16).
+    logits = logits[:V].astype(np.float32, copy=False)
     if temperature != 1.0:
         logits = logits / temperature  # (V,)
     if top_k:
