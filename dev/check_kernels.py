@@ -15,8 +15,9 @@ Exit status 1 if a kernel does not compile, or spills registers (--allow-spills 
 Why: the CPU simulation of the tests (tests/cudasim) compiles the kernels with g++ against an
 emulation of the CUDA headers, so it checks what they compute, not that NVIDIA's compiler takes them
 (CUDA's own bfloat16 conversions, WMMA's real headers), and it says nothing of registers. This does,
-with the same options CuPy passes to NVRTC (C++17, the CUDA headers on the include path) and, as CuPy
-does for a GPU its NVRTC knows, straight to the GPU's machine code (-arch=sm_XX), which runs ptxas.
+with the options CuPy passes to NVRTC (CuPy's own list where CuPy is installed, GPU or not; else
+C++17 and the CUDA headers) and, as CuPy does for a GPU its NVRTC knows, straight to the GPU's
+machine code (-arch=sm_XX), which runs ptxas.
 
 What the headers need: cuda_bf16.h comes with the CUDA runtime's headers (the nvidia-cuda-runtime
 wheel); WMMA's mma.h, for the flash attention kernels, includes crt/mma.h, which CUDA 13's wheels
@@ -146,19 +147,31 @@ def blocks_per_sm(arch, threads, regs, smem):
     return min(by_regs, by_smem, sm_blocks, 2048 // threads)
 
 
+def compiler_options(include):
+    # what CuPy passes NVRTC for a RawKernel: with CuPy installed (a GPU or not), its own list (C++17,
+    # its bundled CCCL and its headers, then the CUDA headers it finds); else the two that matter to
+    # our kernels, C++17 and the CUDA headers
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+        return "CuPy's", list(assemble_cupy_compiler_options(()))
+    except (ImportError, AttributeError, RuntimeError):  # no CuPy, the simulation, or no CUDA headers found
+        return "our", ["--std=c++17", f"-I{include}"]
+
+
 def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_path=None, include=None):
-    # compiles every kernel source for every (arch, dtype); returns (rows, errors): a row per kernel,
-    # (arch, dtype, source, kernel, regs, spill stores, spill loads, smem), and a line per failure
+    # compiles every kernel source for every (arch, dtype); returns (nvrtc, options, rows, errors): a
+    # row per kernel, (arch, dtype, source, kernel, regs, spill stores, spill loads, smem), and a line
+    # per failure
     cuda_layers = import_cuda_layers()
     nvrtc = NVRTC(nvrtc_path or find_nvrtc())
-    include = include or find_include()
+    whose, base_options = compiler_options(include or find_include())
     rows, errors = [], []
     for arch in arches:
         for dtype in dtypes:
             for name, (source, kernels) in kernel_sources(cuda_layers).items():
                 if only and only not in name.lower():
                     continue
-                options = ["--std=c++17", f"-I{include}", f"-arch=sm_{arch}", "-Xptxas", "-v"]
+                options = base_options + [f"-arch=sm_{arch}", "-Xptxas", "-v"]
                 ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, options)
                 if not ok:
                     errors.append(f"{name} ({dtype}, sm_{arch}) does not compile:\n{log.strip()}")
@@ -171,7 +184,7 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_
                         errors.append(f"{name} ({dtype}, sm_{arch}): ptxas said nothing of {kernel}")
                         continue
                     rows.append((arch, dtype, name, kernel) + info[kernel])
-    return nvrtc, include, rows, errors
+    return nvrtc, (whose, base_options), rows, errors
 
 
 def main():
@@ -194,12 +207,12 @@ def main():
               "or set CUDA_PATH or --include", file=sys.stderr)
         sys.exit(2)
     try:
-        nvrtc, include, rows, errors = check(args.arch, args.dtype, args.only, nvrtc_path, include)
+        nvrtc, (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc_path, include)
     except OSError as e:
         print(f"error: {nvrtc_path} does not load: {e}", file=sys.stderr)
         sys.exit(2)
     cuda_layers = import_cuda_layers()
-    print(f"NVRTC {nvrtc.version} ({nvrtc_path}), headers {include}")
+    print(f"NVRTC {nvrtc.version} ({nvrtc_path}), {whose} options: {' '.join(options)}")
     print(f"{'arch':6s} {'dtype':9s} {'kernel':42s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} {'blocks/SM':>9s}")
     spills = 0
     for arch, dtype, _, kernel, regs, spill_st, spill_ld, smem in rows:

@@ -25,6 +25,9 @@ case "$stage" in
 tests)
     python3 -m pytest -q -rs tests/test_cuda_layers.py tests/test_cuda.py > "$out/pytest_gpu.log" 2>&1
     tail -3 "$out/pytest_gpu.log"
+    # every kernel through this machine's NVRTC, with CuPy's options: registers and spills
+    python3 dev/check_kernels.py > "$out/check_kernels.log" 2>&1
+    echo "check_kernels: exit $? $(tail -1 "$out/check_kernels.log")"
     fixture=(--checkpoint tests/fixtures/tiny_gpt2.bin --state tests/fixtures/tiny_gpt2_debug_state.bin
              --expected-losses tests/fixtures/tiny_gpt2_expected_losses.json)
     ref=/tmp/gpu_check_ref
