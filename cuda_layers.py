@@ -36,6 +36,8 @@ kernels on a CPU simulation of CuPy (tests/cudasim, CUDASIM=1).
 
 import functools
 import math
+import os
+import shutil
 
 import cupy
 import numpy as np
@@ -210,10 +212,10 @@ def _ceil_div(a, b):
 
 
 @functools.cache
-def _kernel(source, name, dtype):
+def _kernel(source, name, dtype, options=()):
     # the RawKernel `name` of `source`, with floatX defined as the dtype of the arrays it will be given
-    # (float32 or bfloat16); CuPy compiles it at its first launch
-    return cupy.RawKernel(_FLOATX[np.dtype(dtype).name] + source, name)
+    # (float32 or bfloat16); CuPy compiles it at its first launch, with NVRTC's `options` added to its own
+    return cupy.RawKernel(_FLOATX[np.dtype(dtype).name] + source, name, options=options)
 
 
 # ----------------------------------------------------------------------------
@@ -1015,17 +1017,49 @@ FLASH_KERNELS = ("flash_attention_forward_kernel", "flash_attention_delta_kernel
                  "flash_attention_backward_dkdv_kernel")
 
 
+# NVRTC options of the flash kernels: () or, where CuPy's CUDA headers lack WMMA's, a toolkit's (below)
+_flash_options = ()
+
+
+def _cuda_toolkit_include():
+    # the include directory of an installed CUDA toolkit that has WMMA's crt/mma.h, or None: where
+    # CUDA_PATH or CUDA_HOME says, else nvcc's, else /usr/local/cuda
+    nvcc = shutil.which("nvcc")
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
+                 nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "include", "crt", "mma.h")):
+            return os.path.join(root, "include")
+    return None
+
+
 def compile_flash_attention(dtype):
-    # compiles the flash kernels for dtype now, not at their first launch, so that a missing header
-    # (WMMA's mma.h comes with the CUDA toolkit's headers) is one clear error before any work
-    try:
+    # compiles the flash kernels for dtype now, not at their first launch, so that a missing header is
+    # one clear error before any work. The likely one: WMMA's mma.h includes crt/mma.h, which CUDA 13's
+    # pip wheels leave out of the runtime's headers (CuPy's first choice) and ship in nvidia-cuda-crt.
+    # Where a CUDA toolkit is installed too, its headers stand in for the flash kernels.
+    global _flash_options
+
+    def compile_all():
         for name in FLASH_KERNELS:
-            _kernel(_FLASH_SRC, name, dtype).compile()
+            _kernel(_FLASH_SRC, name, dtype, _flash_options).compile()
+
+    try:
+        compile_all()
+        return
     except Exception as e:  # noqa: BLE001 (NVRTC's errors, whatever their class)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "mma.h" in str(e):  # CUDA 13's wheels ship mma.h's crt/mma.h apart from the runtime's headers
-            reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
-        raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
+        error = e
+    toolkit = _cuda_toolkit_include() if "mma.h" in str(error) else None
+    if toolkit:
+        _flash_options = (f"-I{toolkit}",)
+        try:
+            compile_all()
+            return
+        except Exception as e:  # noqa: BLE001
+            _flash_options, error = (), e
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "mma.h" in str(error):
+        reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
+    raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
 
 
 def _flash_applies(dtype, T, hs):
@@ -1039,7 +1073,7 @@ def _flash_attention_forward(inp, NH):
     inp = cupy.ascontiguousarray(inp)
     out = cupy.empty((B, T, C), dtype=inp.dtype)
     lse = cupy.empty((B, NH, T), dtype=cupy.float32)
-    _kernel(_FLASH_SRC, "flash_attention_forward_kernel", inp.dtype)(
+    _kernel(_FLASH_SRC, "flash_attention_forward_kernel", inp.dtype, _flash_options)(
         (T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,),
         (out, lse, inp, np.int32(T), np.int32(NH), np.float32(1.0 / math.sqrt(FLASH_HEAD_SIZE))))
     return out, ("flash", inp, out, lse, NH)
@@ -1050,12 +1084,12 @@ def _flash_attention_backward(dout, cache):
     B, T, C3 = inp.shape
     dout = cupy.ascontiguousarray(dout)
     delta = cupy.empty((B, NH, T), dtype=cupy.float32)
-    _kernel(_FLASH_SRC, "flash_attention_delta_kernel", inp.dtype)(
+    _kernel(_FLASH_SRC, "flash_attention_delta_kernel", inp.dtype, _flash_options)(
         (_ceil_div(B * NH * T, 256),), (256,), (delta, dout, out, np.int32(B), np.int32(T), np.int32(NH)))
     dinp = cupy.empty((B, T, C3), dtype=inp.dtype)
     args = (dinp, inp, dout, lse, delta, np.int32(T), np.int32(NH), np.float32(1.0 / math.sqrt(FLASH_HEAD_SIZE)))
     for name in ("flash_attention_backward_dq_kernel", "flash_attention_backward_dkdv_kernel"):
-        _kernel(_FLASH_SRC, name, inp.dtype)((T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,), args)
+        _kernel(_FLASH_SRC, name, inp.dtype, _flash_options)((T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,), args)
     return dinp
 
 

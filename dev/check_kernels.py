@@ -173,6 +173,10 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_
                     continue
                 options = base_options + [f"-arch=sm_{arch}", "-Xptxas", "-v"]
                 ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, options)
+                toolkit = cuda_layers._cuda_toolkit_include() if not ok and "mma.h" in log else None
+                if toolkit:  # as compile_flash_attention does where the headers lack WMMA's crt/mma.h
+                    ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
+                    print(f"note: {name} ({dtype}, sm_{arch}) needs crt/mma.h: compiled with {toolkit} first")
                 if not ok:
                     errors.append(f"{name} ({dtype}, sm_{arch}) does not compile:\n{log.strip()}")
                     continue

@@ -575,3 +575,41 @@ def test_flash_attention_falls_back_to_the_blocked_form(rng, flash):
         out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
         assert not isinstance(cache_gpu[0], str)
         assert_close(out_gpu, plain("attention_forward")(inp, NH)[0], RTOL_TF32)
+
+
+class _FlashKernel:
+    # stands in for a flash RawKernel: compile() fails as NVRTC does where CuPy's headers (CUDA 13's
+    # wheels) have mma.h but not the crt/mma.h it includes, unless an include directory is given
+    compiled = []
+
+    def __init__(self, options):
+        self.options = options
+
+    def compile(self):
+        _FlashKernel.compiled.append(self.options)
+        if not self.options:
+            raise RuntimeError('/site-packages/nvidia/cu13/include/mma.h(55): catastrophic error: cannot open '
+                               'source file "crt/mma.h"')
+
+
+def test_flash_kernels_take_a_cuda_toolkits_headers_where_cupys_lack_wmmas(monkeypatch, tmp_path):
+    (tmp_path / "include" / "crt").mkdir(parents=True)
+    (tmp_path / "include" / "crt" / "mma.h").write_text("")
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path))
+    monkeypatch.setattr(cl, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
+    monkeypatch.setattr(cl, "_flash_options", ())
+    monkeypatch.setattr(_FlashKernel, "compiled", [])
+    cl.compile_flash_attention(np.float32)
+    include = f"-I{tmp_path / 'include'}"
+    assert cl._flash_options == (include,)  # what the flash launches pass from now on
+    assert _FlashKernel.compiled == [()] + [(include,)] * len(cl.FLASH_KERNELS)
+
+
+def test_flash_kernels_without_wmmas_header_are_one_error_that_names_the_wheel(monkeypatch):
+    monkeypatch.setattr(cl, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
+    monkeypatch.setattr(cl, "_cuda_toolkit_include", lambda: None)  # no CUDA toolkit installed
+    monkeypatch.setattr(cl, "_flash_options", ())
+    with pytest.raises(RuntimeError, match=r'^the flash attention kernels do not compile here \(.*"crt/mma.h"; '
+                                           r".*pip install nvidia-cuda-crt"):
+        cl.compile_flash_attention(np.float32)
+    assert cl._flash_options == ()
