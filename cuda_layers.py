@@ -37,6 +37,7 @@ kernels on a CPU simulation of CuPy (tests/cudasim, CUDASIM=1).
 import functools
 import math
 import os
+import re
 import shutil
 
 import cupy
@@ -742,6 +743,7 @@ typedef wmma::fragment<wmma::accumulator, 16, 16, WMMA_K, float> tile_acc;
 template <typename Tile> __device__ __forceinline__ void load_tile(Tile& tile, const floatX* p, unsigned ldm) {
     wmma::load_matrix_sync(tile, p, ldm);
 #if FLOATX_IS_FLOAT
+#pragma unroll
     for (int i = 0; i < tile.num_elements; i++) tile.x[i] = wmma::__float_to_tf32(tile.x[i]);
 #endif
 }
@@ -749,9 +751,9 @@ template <typename Tile> __device__ __forceinline__ void load_tile(Tile& tile, c
 // Registers. A loop over an array of tiles (acc[n], a[kk]) must be unrolled, or the array goes to
 // local memory; the loops around those, and the softmax's, are left rolled (or unrolled by 4). Fully
 // unrolled, every kernel took all 255 registers a thread may have (2 blocks of 128 threads on a
-// multiprocessor) and TF32's backward kernels spilled to local memory; as here, ptxas gives them
-// (sm_90, forward / dq / dk,dv) 128 / 127 / 168 registers in bf16, 4 / 4 / 3 blocks per multiprocessor,
-// and 166 / 166 / 255 in TF32, without spills (dev/check_kernels.py prints these; a test keeps it so).
+// multiprocessor) and TF32's backward kernels spilled to local memory; as here, NVRTC 13.5 gives them
+// (sm_90, forward / dq / dk,dv) 96 / 127 / 168 registers in bf16, 5 / 4 / 3 blocks per multiprocessor,
+// and 128 / 166 / 255 in TF32, without spills (dev/check_kernels.py prints these; a test keeps it so).
 
 // out (16, HS) = a (16, K) @ b (K, HS) added to acc, a from shared memory (ldm lda), b rows of a
 // (T, ...) matrix in global memory (ldm ldb): the product of a row block with 64 keys' values
@@ -841,6 +843,7 @@ extern "C" __global__ void flash_attention_forward_kernel(
     floatX* probs = probs_all[warp];
     float* row_scale = row_scale_all[warp];
     tile_a qt[HS / WMMA_K];
+#pragma unroll
     for (int kk = 0; kk < HS / WMMA_K; kk++) load_tile(qt[kk], q + kk * WMMA_K, ld);
     tile_acc rows, o[HS / 16];  // the output: (16, HS) as 4 tiles
     load_row_numbers(rows, scores);
@@ -915,11 +918,13 @@ extern "C" __global__ void flash_attention_backward_dq_kernel(
     float* scores = scores_all[warp];
     floatX* probs = probs_all[warp];
     tile_a qt[HS / WMMA_K], dyt[HS / WMMA_K];
+#pragma unroll
     for (int kk = 0; kk < HS / WMMA_K; kk++) {
         load_tile(qt[kk], q + kk * WMMA_K, ld);
         load_tile(dyt[kk], dy + kk * WMMA_K, C);
     }
     tile_acc dq[HS / 16];
+#pragma unroll
     for (int n = 0; n < HS / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
     int r = lane / 2, half = lane % 2, t = q0 + r;
     float row_lse = lse[(long long)bh * T + t], row_delta = delta[(long long)bh * T + t];
@@ -966,11 +971,13 @@ extern "C" __global__ void flash_attention_backward_dkdv_kernel(
     floatX* probs = probs_all[warp];
     float *q_lse = lse_all[warp], *q_delta = delta_all[warp];
     tile_a kt[HS / WMMA_K], vt[HS / WMMA_K];
+#pragma unroll
     for (int kk = 0; kk < HS / WMMA_K; kk++) {
         load_tile(kt[kk], k + kk * WMMA_K, ld);
         load_tile(vt[kk], v + kk * WMMA_K, ld);
     }
     tile_acc dk[HS / 16], dv[HS / 16];
+#pragma unroll
     for (int n = 0; n < HS / 16; n++) {
         wmma::fill_fragment(dk[n], 0.0f);
         wmma::fill_fragment(dv[n], 0.0f);
@@ -1021,22 +1028,45 @@ FLASH_KERNELS = ("flash_attention_forward_kernel", "flash_attention_delta_kernel
 _flash_options = ()
 
 
+def _nvrtc_major():
+    # the CUDA major version of the NVRTC that CuPy compiles with
+    try:
+        return cupy.cuda.nvrtc.getVersion()[0]
+    except Exception:  # noqa: BLE001 (no NVRTC binding: the runtime's version stands in)
+        return cupy.cuda.runtime.runtimeGetVersion() // 1000
+
+
 def _cuda_toolkit_include():
-    # the include directory of an installed CUDA toolkit that has WMMA's crt/mma.h, or None: where
-    # CUDA_PATH or CUDA_HOME says, else nvcc's, else /usr/local/cuda
+    # the include directory of an installed CUDA toolkit that has WMMA's crt/mma.h and is of the same
+    # CUDA major version as NVRTC, or None: where CUDA_PATH or CUDA_HOME says, else nvcc's, else
+    # /usr/local/cuda
     nvcc = shutil.which("nvcc")
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
-        if root and os.path.exists(os.path.join(root, "include", "crt", "mma.h")):
-            return os.path.join(root, "include")
+        include = os.path.join(root or "", "include")
+        if root and os.path.exists(os.path.join(include, "crt", "mma.h")):
+            try:
+                with open(os.path.join(include, "cuda.h")) as f:  # #define CUDA_VERSION 13000
+                    version = int(re.search(r"#define\s+CUDA_VERSION\s+(\d+)", f.read()).group(1))
+            except (OSError, AttributeError):
+                continue
+            if version // 1000 == _nvrtc_major():
+                return include
     return None
+
+
+def _compile_error(e):
+    # the line of an NVRTC log that says what is wrong (its first lines may be warnings)
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return next((line for line in lines if "error" in line), lines[0] if lines else type(e).__name__)
 
 
 def compile_flash_attention(dtype):
     # compiles the flash kernels for dtype now, not at their first launch, so that a missing header is
     # one clear error before any work. The likely one: WMMA's mma.h includes crt/mma.h, which CUDA 13's
     # pip wheels leave out of the runtime's headers (CuPy's first choice) and ship in nvidia-cuda-crt.
-    # Where a CUDA toolkit is installed too, its headers stand in for the flash kernels.
+    # Where a CUDA toolkit of the same CUDA version is installed too, its headers stand in for the
+    # flash kernels (NVRTC then reads them before CuPy's).
     global _flash_options
 
     def compile_all():
@@ -1048,16 +1078,17 @@ def compile_flash_attention(dtype):
         return
     except Exception as e:  # noqa: BLE001 (NVRTC's errors, whatever their class)
         error = e
-    toolkit = _cuda_toolkit_include() if "mma.h" in str(error) else None
+    missing_crt = '"crt/mma.h"' in str(error)
+    toolkit = _cuda_toolkit_include() if missing_crt else None
     if toolkit:
-        _flash_options = (f"-I{toolkit}",)
+        before, _flash_options = _flash_options, (f"-I{toolkit}",)
         try:
             compile_all()
             return
         except Exception as e:  # noqa: BLE001
-            _flash_options, error = (), e
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if "mma.h" in str(error):
+            _flash_options, error = before, e
+    reason = _compile_error(error)
+    if missing_crt:
         reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
     raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
 
@@ -1067,10 +1098,17 @@ def _flash_applies(dtype, T, hs):
     return ATTENTION_KERNEL == "flash" and hs == FLASH_HEAD_SIZE and T % FLASH_ROWS == 0 and (dtype != np.float32 or _tf32)
 
 
+def _tile_aligned(x):
+    # x as the flash kernels read it: C-contiguous, from a 32-byte boundary (WMMA's loads need 256-bit
+    # aligned addresses: a new CuPy array always is, a view from an offset into one may not be)
+    x = cupy.ascontiguousarray(x)
+    return x if x.data.ptr % 32 == 0 else cupy.array(x)
+
+
 def _flash_attention_forward(inp, NH):
     B, T, C3 = inp.shape
     C = C3 // 3
-    inp = cupy.ascontiguousarray(inp)
+    inp = _tile_aligned(inp)
     out = cupy.empty((B, T, C), dtype=inp.dtype)
     lse = cupy.empty((B, NH, T), dtype=cupy.float32)
     _kernel(_FLASH_SRC, "flash_attention_forward_kernel", inp.dtype, _flash_options)(
@@ -1082,7 +1120,7 @@ def _flash_attention_forward(inp, NH):
 def _flash_attention_backward(dout, cache):
     _, inp, out, lse, NH = cache
     B, T, C3 = inp.shape
-    dout = cupy.ascontiguousarray(dout)
+    dout = _tile_aligned(dout)
     delta = cupy.empty((B, NH, T), dtype=cupy.float32)
     _kernel(_FLASH_SRC, "flash_attention_delta_kernel", inp.dtype, _flash_options)(
         (_ceil_div(B * NH * T, 256),), (256,), (delta, dout, out, np.int32(B), np.int32(T), np.int32(NH)))

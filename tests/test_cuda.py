@@ -191,6 +191,23 @@ def test_bf16_arrays_and_what_stays_float32():
 
 
 @bf16_only
+def test_bf16_sampling_with_top_k():
+    # gpt2_sample runs the bf16 forward, so its logits are bfloat16; at temperature 1 top-k would
+    # partition them as they are, which CuPy 14.2 cannot do (the simulation refuses it too): the
+    # sampler works on float32. Greedy (top-k 1) picks what the float32 logits' argmax is.
+    tg.use_device("cuda", dtype="bf16")
+    try:
+        model = tg.gpt2_build_from_checkpoint(MODEL)
+        sampled = list(tg.gpt2_sample(model, [776, 5, 300], 4, [1337], 1.0, 50))
+        assert all(0 <= token < 777 for token in sampled)
+        greedy = list(tg.gpt2_sample(model, [776, 5, 300], 1, [1337], 1.0, 1))
+        logits = tg.to_host(model.acts["logits"][0, -1, :777]).astype(np.float32)
+        assert greedy == [int(np.argmax(logits))]
+    finally:
+        tg.use_device("cpu")
+
+
+@bf16_only
 def test_bf16_training_steps_track_the_cpu():
     # bfloat16 keeps 8 bits of mantissa: the losses of 3 steps within 0.5% of float32's, the first
     # step's gradients within 5% (norm-wise); measured in a simulation 0.1% and 1.4%

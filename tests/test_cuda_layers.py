@@ -11,6 +11,7 @@ Skipped, with the reason, where CuPy is not installed or no GPU is usable.
 """
 
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -592,10 +593,17 @@ class _FlashKernel:
                                'source file "crt/mma.h"')
 
 
+def fake_toolkit(root, version):
+    # a CUDA toolkit's include directory, as far as _cuda_toolkit_include looks: crt/mma.h, cuda.h's version
+    (root / "include" / "crt").mkdir(parents=True)
+    (root / "include" / "crt" / "mma.h").write_text("")
+    (root / "include" / "cuda.h").write_text(f"#define CUDA_VERSION {version}\n")
+
+
 def test_flash_kernels_take_a_cuda_toolkits_headers_where_cupys_lack_wmmas(monkeypatch, tmp_path):
-    (tmp_path / "include" / "crt").mkdir(parents=True)
-    (tmp_path / "include" / "crt" / "mma.h").write_text("")
+    fake_toolkit(tmp_path, 13000)
     monkeypatch.setenv("CUDA_PATH", str(tmp_path))
+    monkeypatch.setattr(cl, "_nvrtc_major", lambda: 13)
     monkeypatch.setattr(cl, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
     monkeypatch.setattr(cl, "_flash_options", ())
     monkeypatch.setattr(_FlashKernel, "compiled", [])
@@ -605,11 +613,43 @@ def test_flash_kernels_take_a_cuda_toolkits_headers_where_cupys_lack_wmmas(monke
     assert _FlashKernel.compiled == [()] + [(include,)] * len(cl.FLASH_KERNELS)
 
 
+def test_a_cuda_toolkit_of_another_version_is_not_taken(monkeypatch, tmp_path):
+    # CUDA 12's headers under CUDA 13's NVRTC: no (the same error line as without a toolkit)
+    fake_toolkit(tmp_path / "cuda-12", 12080)
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "cuda-12"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(cl.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cl.os.path, "exists", lambda path, exists=os.path.exists: exists(path) and
+                        not path.startswith("/usr/local/cuda"))
+    monkeypatch.setattr(cl, "_nvrtc_major", lambda: 13)
+    assert cl._cuda_toolkit_include() is None
+    monkeypatch.setattr(cl, "_nvrtc_major", lambda: 12)
+    assert cl._cuda_toolkit_include() == str(tmp_path / "cuda-12" / "include")
+
+
 def test_flash_kernels_without_wmmas_header_are_one_error_that_names_the_wheel(monkeypatch):
     monkeypatch.setattr(cl, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
     monkeypatch.setattr(cl, "_cuda_toolkit_include", lambda: None)  # no CUDA toolkit installed
     monkeypatch.setattr(cl, "_flash_options", ())
-    with pytest.raises(RuntimeError, match=r'^the flash attention kernels do not compile here \(.*"crt/mma.h"; '
+    with pytest.raises(RuntimeError, match=r'^the flash attention kernels do not compile here \(.*error.*"crt/mma.h"; '
                                            r".*pip install nvidia-cuda-crt"):
         cl.compile_flash_attention(np.float32)
     assert cl._flash_options == ()
+
+
+def test_flash_attention_reads_a_misaligned_view_through_an_aligned_copy(rng, flash):
+    # WMMA's loads need 32-byte aligned addresses: q, k, v and dout that start 16 bytes into an array
+    # (a view CuPy's ascontiguousarray returns as it is) must give what the same values aligned give
+    cl.set_tf32(True)
+    B, T, C, NH = 1, 64, 128, 2
+    inp, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
+    inp_view = cupy.empty(inp.size + 4, dtype=np.float32)[4:].reshape(inp.shape)
+    dout_view = cupy.empty(dout.size + 4, dtype=np.float32)[4:].reshape(dout.shape)
+    inp_view[...], dout_view[...] = cupy.asarray(inp), cupy.asarray(dout)
+    assert inp_view.data.ptr % 32 == 16 and dout_view.data.ptr % 32 == 16
+    out, cache = cl.attention_forward(cupy.asarray(inp), NH)
+    out_view, cache_view = cl.attention_forward(inp_view, NH)
+    assert cache_view[0] == "flash"
+    assert (out_view.get() == out.get()).all()
+    dinp = cl.attention_backward(cupy.asarray(dout), cache)
+    assert (cl.attention_backward(dout_view, cache_view).get() == dinp.get()).all()

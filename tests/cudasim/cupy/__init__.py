@@ -12,7 +12,8 @@ this package instead of CuPy. What it does, as numba's CUDA simulator does for n
 - ElementwiseKernel compiles its one-line operation into a loop;
 - cuBLAS's gemmStridedBatchedEx is done in NumPy (float64 sums, rounded once to the output type;
   TF32 rounds the inputs to 10 mantissa bits first), with bounds checks on every matrix it reads;
-- everything else is NumPy's, called through this module.
+- everything else is NumPy's, called through this module, except what CuPy 14.2 cannot do with
+  bfloat16 arrays, which fails here too: sorting and partitioning them, batched (3-D) matmul.
 It checks the kernels' logic and their arithmetic, not CuPy itself, NVRTC or speed: the tests on a
 real GPU remain the final word. Needs g++ and ml_dtypes (bfloat16); without them `import cupy`
 fails, and the GPU tests skip as without CuPy.
@@ -53,10 +54,7 @@ def ascontiguousarray(a, dtype=None):
     # (an array NumPy made, a ufunc's result, may sit at an address that CuPy's pool, 256-byte aligned,
     # would never give: such an array is copied to one that is, as the tensor cores' loads need)
     assert isinstance(a, ndarray), f"cupy.ascontiguousarray takes a cupy.ndarray, not {type(a)}"
-    root = a
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    if a.flags.c_contiguous and (dtype is None or a.dtype == dtype) and root.ctypes.data % _sim.ALIGNMENT == 0:
+    if a.flags.c_contiguous and (dtype is None or a.dtype == dtype) and _sim.allocation_aligned(a):
         return a
     return wrap(np.array(a, dtype=dtype or a.dtype, order="C"))
 
@@ -72,6 +70,10 @@ def __getattr__(name):
         return f
 
     def wrapped(*args, **kwargs):
+        if name in ("sort", "argsort", "partition", "argpartition", "matmul") and args:
+            if name == "matmul" and len(args) == 2 and not kwargs:
+                return args[0] @ args[1]  # (bfloat16: as ndarray.__matmul__, CuPy's limits included)
+            _sim.refuse_bfloat16_sort(name, args[0])
         r = f(*args, **kwargs)
         return wrap(r) if isinstance(r, np.ndarray) else r
     return wrapped

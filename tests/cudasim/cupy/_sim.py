@@ -37,11 +37,24 @@ def _record(a):
 ALIGNMENT = 256  # CuPy's memory pool hands out 256-byte aligned blocks (NumPy only promises 16)
 
 
+_padded = weakref.WeakValueDictionary()  # the buffers aligned() made, by id: what they hold starts aligned
+
+
+def allocation_aligned(a):
+    # whether the memory a lives in, as CuPy's pool would have handed it out, starts 256-byte aligned
+    # (a itself may be a view from any offset into it, as in CuPy)
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.ctypes.data % ALIGNMENT == 0 or _padded.get(id(root)) is root
+
+
 def aligned(a):
     # a itself, or a copy of it at a 256-byte aligned address when it owns memory that is not
     if a.nbytes == 0 or isinstance(a.base, np.ndarray) or a.ctypes.data % ALIGNMENT == 0:
         return a
     buffer = np.empty(a.nbytes + ALIGNMENT, dtype=np.uint8)
+    _padded[id(buffer)] = buffer
     start = -buffer.ctypes.data % ALIGNMENT
     copy = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
     copy[...] = a
@@ -78,11 +91,33 @@ class ndarray(np.ndarray):
 
     def __matmul__(self, other):
         # CuPy's product of two bfloat16 arrays is bfloat16 (cuBLAS: float32 sums, rounded once);
-        # NumPy's, with ml_dtypes, would be float32
+        # NumPy's, with ml_dtypes, would be float32. CuPy 14.2 multiplies bfloat16 matrices, not
+        # batches of them: its 3-D matmul takes them for integers (_routines_linalg.pyx) and fails.
         if self.dtype == BFLOAT16 and getattr(other, "dtype", None) == BFLOAT16:
+            if self.ndim > 2 or other.ndim > 2:
+                raise TypeError("data type 'E' not understood (CuPy 14.2: batched matmul of bfloat16)")
             product = np.matmul(np.asarray(self, np.float64), np.asarray(other, np.float64))
             return wrap(product.astype(np.float32).astype(BFLOAT16))
         return np.ndarray.__matmul__(self, other)
+
+    # CuPy 14.2 sorts through Thrust, which has no bfloat16 (cupy/cuda/thrust.pyx): so no sort or
+    # partition (a full sort for GPT-2's vocabulary) of a bfloat16 array
+    def sort(self, *args, **kwargs):
+        refuse_bfloat16_sort("sort", self)
+        return np.ndarray.sort(self, *args, **kwargs)
+
+    def argsort(self, *args, **kwargs):
+        refuse_bfloat16_sort("argsort", self)
+        return np.ndarray.argsort(self, *args, **kwargs)
+
+    def partition(self, *args, **kwargs):
+        refuse_bfloat16_sort("partition", self)
+        return np.ndarray.partition(self, *args, **kwargs)
+
+
+def refuse_bfloat16_sort(name, a):
+    if getattr(a, "dtype", None) == BFLOAT16:
+        raise NotImplementedError(f"cupy.{name} of bfloat16: Thrust has no bfloat16 (CuPy 14.2)")
 
 
 # ----------------------------------------------------------------------------
