@@ -5,8 +5,10 @@ CUDA's real bfloat16 and WMMA headers, and that ptxas needs no local memory for 
 Skipped without NVRTC and the CUDA headers (pip install nvidia-cuda-nvrtc nvidia-cuda-runtime
 nvidia-cuda-crt: requirements-dev.txt has them, for Linux)."""
 
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -18,9 +20,13 @@ sys.path.insert(0, os.path.join(ROOT, "dev"))
 import check_kernels  # noqa: E402
 
 NVRTC, INCLUDE = check_kernels.find_nvrtc(), check_kernels.find_include()
-pytestmark = pytest.mark.skipif(
-    NVRTC is None or INCLUDE is None,
-    reason="needs NVRTC and the CUDA headers: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt")
+pytestmark = [
+    pytest.mark.skipif(NVRTC is None or INCLUDE is None, reason="needs NVRTC and the CUDA headers: "
+                       "pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt"),
+    # (without CuPy, cuda_layers.py is imported through the simulation, which needs g++)
+    pytest.mark.skipif(importlib.util.find_spec("cupy") is None and shutil.which("g++") is None,
+                       reason="imports cuda_layers.py through tests/cudasim without CuPy, which needs g++"),
+]
 
 SCRIPT = os.path.join(ROOT, "dev", "check_kernels.py")
 
