@@ -36,10 +36,10 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ptxas's limits for the architectures we know (A100, H100): registers and shared memory per
-# multiprocessor, blocks per multiprocessor
-SM_LIMITS = {"80": (65536, 164 * 1024, 32), "86": (65536, 100 * 1024, 16), "89": (65536, 100 * 1024, 24),
-             "90": (65536, 228 * 1024, 32)}
+# what one multiprocessor holds, by compute capability (A100; RTX 30xx; RTX 40xx, L4; H100): registers,
+# shared memory, blocks, threads (CUDA's programming guide, "Technical Specifications")
+SM_LIMITS = {"80": (65536, 164 * 1024, 32, 2048), "86": (65536, 100 * 1024, 16, 1536),
+             "89": (65536, 100 * 1024, 24, 1536), "90": (65536, 228 * 1024, 32, 2048)}
 
 
 def import_cuda_layers():
@@ -76,6 +76,7 @@ def _nvidia_dirs():
 
 
 def find_nvrtc():
+    # libnvrtc.so from NVIDIA's wheels, else from a toolkit
     for d in _nvidia_dirs():
         for sub in ("lib", "lib64"):
             found = sorted(glob.glob(os.path.join(d, sub, "libnvrtc.so*")))
@@ -86,8 +87,8 @@ def find_nvrtc():
 
 
 def find_include():
-    # the first include directory with cuda_bf16.h, and whether mma.h's crt/mma.h is there too (the
-    # runtime's headers and crt's share nvidia/cu13/include; CUDA 12's wheels keep them apart)
+    # the first include directory with cuda_bf16.h: NVIDIA's wheels' (CUDA 13's runtime and crt share
+    # nvidia/cu13/include; CUDA 12's keep theirs in nvidia/cuda_runtime/include), else a toolkit's
     for d in _nvidia_dirs():
         inc = os.path.join(d, "include")
         if os.path.exists(os.path.join(inc, "cuda_bf16.h")):
@@ -139,12 +140,12 @@ def blocks_per_sm(arch, threads, regs, smem):
     # units of 256) and by shared memory (1 KB reserved per block), whichever runs out first
     if arch not in SM_LIMITS:
         return None
-    sm_regs, sm_smem, sm_blocks = SM_LIMITS[arch]
+    sm_regs, sm_smem, sm_blocks, sm_threads = SM_LIMITS[arch]
     warps = -(-threads // 32)
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     by_regs = sm_regs // (regs_per_warp * warps)
     by_smem = sm_smem // (smem + 1024) if smem else sm_blocks
-    return min(by_regs, by_smem, sm_blocks, 2048 // threads)
+    return min(by_regs, by_smem, sm_blocks, sm_threads // threads)
 
 
 def compiler_options(include):
