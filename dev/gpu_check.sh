@@ -8,13 +8,15 @@
 #   bash dev/gpu_check.sh memory OUT   # the largest batch that fits at T=1024, in fp32 and in bf16
 #   bash dev/gpu_check.sh curves OUT   # GPT-2 124M from scratch on Tiny Shakespeare, fp32 (TF32) and
 #                                      # bf16, the same 400 steps: both logs, and both curves on one plot
+#   bash dev/gpu_check.sh profile OUT  # Nsight Compute on the flash attention kernels of one d12 step
+#                                      # (B=8, T=1024) in bf16 and TF32: time, throughput, occupancy
 #
 # OUT is a folder for the logs (created). The token files are looked for in $DATA (default data/),
 # as prepro_tinyshakespeare.py writes them. Needs CuPy (and ml_dtypes for bf16); PyTorch for the
 # references and the benchmark's yardsticks; matplotlib for the plot (skipped without it).
 set -uo pipefail
-stage=${1:?usage: dev/gpu_check.sh tests|bench|memory|curves OUT}
-out=${2:?usage: dev/gpu_check.sh tests|bench|memory|curves OUT}
+stage=${1:?usage: dev/gpu_check.sh tests|bench|memory|curves|profile OUT}
+out=${2:?usage: dev/gpu_check.sh tests|bench|memory|curves|profile OUT}
 data=${DATA:-data}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -69,8 +71,22 @@ curves)
     python3 dev/plot_loss.py "$out/d12_fp32.log" "$out/d12_bf16.log" -o "$out/gpu_loss_fp32_bf16.png" \
         || echo "no plot (pip install matplotlib)"
     ;;
+profile)
+    # the second step's flash kernels (the first step's 36, 12 layers' forward, dq and dk/dv, skipped:
+    # compiles and cuBLAS's first calls), summarized per kernel
+    for dtype in bf16 fp32; do
+        ncu -k regex:"flash_attention_(forward|backward_dq|backward_dkdv)" --launch-skip 36 --launch-count 36 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --print-summary per-kernel \
+            python3 train_gpt2.py --device cuda --dtype "$dtype" --attention flash --init d12 -b 8 -t 1024 \
+            --steps 2 --val-every 0 --sample-every 0 --train-data "$data/tiny_shakespeare_train.bin" \
+            --val-data "$data/tiny_shakespeare_val.bin" > "$out/ncu_flash_$dtype.log" 2>&1
+        echo "$dtype: exit $?"
+        grep -E "flash_attention_|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+            "$out/ncu_flash_$dtype.log" | head -40
+    done
+    ;;
 *)
-    echo "error: unknown stage $stage: expected tests, bench, memory or curves" >&2
+    echo "error: unknown stage $stage: expected tests, bench, memory, curves or profile" >&2
     exit 2
     ;;
 esac
