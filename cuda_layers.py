@@ -750,10 +750,11 @@ template <typename Tile> __device__ __forceinline__ void load_tile(Tile& tile, c
 
 // Registers. A loop over an array of tiles (acc[n], a[kk]) must be unrolled, or the array goes to
 // local memory; the loops around those, and the softmax's, are left rolled (or unrolled by 4). Fully
-// unrolled, every kernel took all 255 registers a thread may have (2 blocks of 128 threads on a
-// multiprocessor) and TF32's backward kernels spilled to local memory; as here, NVRTC 13.5 gives them
-// (sm_90, forward / dq / dk,dv) 96 / 127 / 168 registers in bf16, 5 / 4 / 3 blocks per multiprocessor,
-// and 128 / 166 / 255 in TF32, without spills (dev/check_kernels.py prints these; a test keeps it so).
+// unrolled, the backward kernels took all 255 registers a thread may have (the forward about 180),
+// 2 blocks of 128 threads per multiprocessor, and TF32's spilled to local memory; as here, NVRTC 13.5
+// gives them (sm_90, forward / dq / dk,dv) 96 / 127 / 168 registers in bf16, 5 / 4 / 3 blocks per
+// multiprocessor, and 128 / 166 / 255 in TF32, without spills (dev/check_kernels.py prints these;
+// tests/test_nvrtc.py fails on any spill).
 
 // out (16, HS) = a (16, K) @ b (K, HS) added to acc, a from shared memory (ldm lda), b rows of a
 // (T, ...) matrix in global memory (ldm ldb): the product of a row block with 64 keys' values
@@ -1036,10 +1037,10 @@ def _nvrtc_major():
         return cupy.cuda.runtime.runtimeGetVersion() // 1000
 
 
-def _cuda_toolkit_include():
+def _cuda_toolkit_include(nvrtc_major=None):
     # the include directory of an installed CUDA toolkit that has WMMA's crt/mma.h and is of the same
-    # CUDA major version as NVRTC, or None: where CUDA_PATH or CUDA_HOME says, else nvcc's, else
-    # /usr/local/cuda
+    # CUDA major version as NVRTC (CuPy's, unless given), or None: where CUDA_PATH or CUDA_HOME says,
+    # else nvcc's, else /usr/local/cuda
     nvcc = shutil.which("nvcc")
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
@@ -1050,7 +1051,7 @@ def _cuda_toolkit_include():
                     version = int(re.search(r"#define\s+CUDA_VERSION\s+(\d+)", f.read()).group(1))
             except (OSError, AttributeError):
                 continue
-            if version // 1000 == _nvrtc_major():
+            if version // 1000 == (nvrtc_major or _nvrtc_major()):
                 return include
     return None
 
@@ -1088,7 +1089,7 @@ def compile_flash_attention(dtype):
         except Exception as e:  # noqa: BLE001
             _flash_options, error = before, e
     reason = _compile_error(error)
-    if missing_crt:
+    if '"crt/mma.h"' in str(error):
         reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
     raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
 

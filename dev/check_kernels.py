@@ -10,7 +10,9 @@ registers), how many of their 128-thread blocks that leaves room for on one mult
     python dev/check_kernels.py                       # sm_80 (A100) and sm_90 (H100)
     python dev/check_kernels.py --arch 90 --only flash
 
-Exit status 1 if a kernel does not compile, or spills registers (--allow-spills reports them only).
+Exit status 1 if a kernel source does not compile, if NVRTC warns, or if a kernel spills registers
+(--allow-spills reports spills only); 2, with one error line, if no NVRTC, headers or kernel sources
+are to be had.
 
 Why: the CPU simulation of the tests (tests/cudasim) compiles the kernels with g++ against an
 emulation of the CUDA headers, so it checks what they compute, not that NVIDIA's compiler takes them
@@ -21,7 +23,9 @@ machine code (-arch=sm_XX), which runs ptxas.
 
 What the headers need: cuda_bf16.h comes with the CUDA runtime's headers (the nvidia-cuda-runtime
 wheel); WMMA's mma.h, for the flash attention kernels, includes crt/mma.h, which CUDA 13's wheels
-ship apart, in nvidia-cuda-crt. A CUDA toolkit's include directory has both (--include, or CUDA_PATH).
+ship apart, in nvidia-cuda-crt. A CUDA toolkit's include directory has both (--include, or CUDA_PATH);
+where the headers lack crt/mma.h, the flash sources are compiled as compile_flash_attention does,
+with an installed toolkit's headers of NVRTC's CUDA version first.
 The AdamW ElementwiseKernel is not here: CuPy writes its source, from CuPy's own headers.
 
 Without CuPy, cuda_layers.py is imported through the CPU simulation in tests/cudasim, which gives it
@@ -80,7 +84,6 @@ def find_nvrtc():
     for d in _nvidia_dirs():
         for sub in ("lib", "lib64"):
             found = sorted(glob.glob(os.path.join(d, sub, "libnvrtc.so*")))
-            found = [f for f in found if "builtins" not in f and "alt" not in os.path.basename(f)]
             if found:
                 return found[-1]
     return None
@@ -102,7 +105,7 @@ class NVRTC:
         self.lib = ctypes.CDLL(path)
         major, minor = ctypes.c_int(), ctypes.c_int()
         self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-        self.version = f"{major.value}.{minor.value}"
+        self.major, self.version = major.value, f"{major.value}.{minor.value}"
 
     def compile(self, source, options):
         # (ok, log): NVRTC's result, and its log, where ptxas writes its info lines (-Xptxas -v)
@@ -150,34 +153,41 @@ def blocks_per_sm(arch, threads, regs, smem):
 
 def compiler_options(include):
     # what CuPy passes NVRTC for a RawKernel: with CuPy installed (a GPU or not), its own list (C++17,
-    # its bundled CCCL and its headers, then the CUDA headers it finds); else the two that matter to
-    # our kernels, C++17 and the CUDA headers
-    try:
-        from cupy._core.core import assemble_cupy_compiler_options
-        return "CuPy's", list(assemble_cupy_compiler_options(()))
-    except (ImportError, AttributeError, RuntimeError):  # no CuPy, the simulation, or no CUDA headers found
-        return "our", ["--std=c++17", f"-I{include}"]
+    # its bundled CCCL and its headers, then the CUDA headers it finds); else, or with --include, the
+    # two that matter to our kernels, C++17 and the CUDA headers
+    if include is None:
+        try:
+            from cupy._core.core import assemble_cupy_compiler_options
+            return "CuPy's", list(assemble_cupy_compiler_options(()))
+        except (ImportError, AttributeError, RuntimeError):  # no CuPy, the simulation, or no CUDA headers
+            include = find_include()
+    return "our", ["--std=c++17", f"-I{include}"]
 
 
 def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_path=None, include=None):
-    # compiles every kernel source for every (arch, dtype); returns (nvrtc, options, rows, errors): a
-    # row per kernel, (arch, dtype, source, kernel, regs, spill stores, spill loads, smem), and a line
-    # per failure
+    # compiles every kernel source (those whose name contains `only`) for every (arch, dtype), with
+    # CuPy's options, or with the headers of `include` where given; returns (nvrtc, (whose, options),
+    # rows, errors): a row per kernel, (arch, dtype, source, kernel, regs, spill stores, spill loads,
+    # smem), and a line per failure (a source that does not compile, a warning, a kernel ptxas did not
+    # report)
     cuda_layers = import_cuda_layers()
     nvrtc = NVRTC(nvrtc_path or find_nvrtc())
-    whose, base_options = compiler_options(include or find_include())
+    whose, base_options = compiler_options(include)
+    sources = {name: source for name, source in kernel_sources(cuda_layers).items()
+               if not only or only.lower() in name.lower()}
     rows, errors = [], []
     for arch in arches:
         for dtype in dtypes:
-            for name, (source, kernels) in kernel_sources(cuda_layers).items():
-                if only and only not in name.lower():
-                    continue
+            for name, (source, kernels) in sources.items():
                 options = base_options + [f"-arch=sm_{arch}", "-Xptxas", "-v"]
                 ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, options)
-                toolkit = cuda_layers._cuda_toolkit_include() if not ok and "mma.h" in log else None
-                if toolkit:  # as compile_flash_attention does where the headers lack WMMA's crt/mma.h
-                    ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
-                    print(f"note: {name} ({dtype}, sm_{arch}) needs crt/mma.h: compiled with {toolkit} first")
+                # as compile_flash_attention does where CuPy's headers lack WMMA's crt/mma.h: a CUDA
+                # toolkit's of the same version as this NVRTC first (not where --include chose them)
+                if not ok and '"crt/mma.h"' in log and include is None:
+                    toolkit = cuda_layers._cuda_toolkit_include(nvrtc.major)
+                    if toolkit:
+                        ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
+                        print(f"note: {name} ({dtype}, sm_{arch}) needs crt/mma.h: compiled with {toolkit} first")
                 if not ok:
                     errors.append(f"{name} ({dtype}, sm_{arch}) does not compile:\n{log.strip()}")
                     continue
@@ -192,31 +202,42 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_
     return nvrtc, (whose, base_options), rows, errors
 
 
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Compile every CUDA kernel of cuda_layers.py with NVRTC, as CuPy would, without a GPU.",
+        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["80", "90"], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--only", help="only the sources whose name contains this (e.g. flash, layernorm)")
     parser.add_argument("--nvrtc", help="path of libnvrtc.so (default: NVIDIA's wheels, then CUDA_PATH)")
-    parser.add_argument("--include", help="the CUDA headers' directory (default: NVIDIA's wheels, then CUDA_PATH)")
+    parser.add_argument("--include", help="the CUDA headers' directory (default: CuPy's choice where CuPy is "
+                                          "installed, else NVIDIA's wheels, then CUDA_PATH)")
     parser.add_argument("--allow-spills", action="store_true", help="report spilled registers, do not fail on them")
     args = parser.parse_args()
-    nvrtc_path, include = args.nvrtc or find_nvrtc(), args.include or find_include()
+    nvrtc_path = args.nvrtc or find_nvrtc()
     if nvrtc_path is None:
-        print("error: no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc, or set CUDA_PATH or --nvrtc",
-              file=sys.stderr)
-        sys.exit(2)
-    if include is None:
-        print("error: no CUDA headers found (cuda_bf16.h): pip install nvidia-cuda-runtime nvidia-cuda-crt, "
-              "or set CUDA_PATH or --include", file=sys.stderr)
-        sys.exit(2)
+        fail("no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc, or set CUDA_PATH or --nvrtc")
     try:
-        nvrtc, (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc_path, include)
-    except OSError as e:
-        print(f"error: {nvrtc_path} does not load: {e}", file=sys.stderr)
-        sys.exit(2)
-    cuda_layers = import_cuda_layers()
+        NVRTC(nvrtc_path)
+    except (OSError, AttributeError) as e:  # not there, or not NVRTC
+        fail(f"--nvrtc {nvrtc_path} is not a loadable NVRTC library ({e})")
+    if (args.include or find_include()) is None:
+        fail("no CUDA headers found (cuda_bf16.h): pip install nvidia-cuda-runtime nvidia-cuda-crt, "
+             "or set CUDA_PATH or --include")
+    if args.include and not os.path.exists(os.path.join(args.include, "cuda_bf16.h")):
+        fail(f"--include {args.include} has no cuda_bf16.h: expected a CUDA include directory")
+    try:
+        cuda_layers = import_cuda_layers()
+    except ImportError as e:  # no CuPy, and the simulation needs g++ and ml_dtypes
+        fail(f"cannot import cuda_layers.py for its kernel sources ({e})")
+    if args.only and not any(args.only.lower() in name.lower() for name in kernel_sources(cuda_layers)):
+        fail(f"--only {args.only}: no kernel source's name contains it (they are {', '.join(kernel_sources(cuda_layers))})")
+    nvrtc, (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc_path, args.include)
     print(f"NVRTC {nvrtc.version} ({nvrtc_path}), {whose} options: {' '.join(options)}")
     print(f"{'arch':6s} {'dtype':9s} {'kernel':42s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} {'blocks/SM':>9s}")
     spills = 0

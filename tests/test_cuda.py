@@ -192,9 +192,9 @@ def test_bf16_arrays_and_what_stays_float32():
 
 @bf16_only
 def test_bf16_sampling_with_top_k():
-    # gpt2_sample runs the bf16 forward, so its logits are bfloat16; at temperature 1 top-k would
-    # partition them as they are, which CuPy 14.2 cannot do (the simulation refuses it too): the
-    # sampler works on float32. Greedy (top-k 1) picks what the float32 logits' argmax is.
+    # gpt2_sample runs the bf16 forward, so its logits are bfloat16; top-k would partition them as
+    # they are, which CuPy 14.2 cannot do (the simulation refuses it too): the sampler works on
+    # float32. Greedy (top-k 1) picks what the float32 logits' argmax is.
     tg.use_device("cuda", dtype="bf16")
     try:
         model = tg.gpt2_build_from_checkpoint(MODEL)

@@ -23,9 +23,10 @@ NVRTC, INCLUDE = check_kernels.find_nvrtc(), check_kernels.find_include()
 pytestmark = [
     pytest.mark.skipif(NVRTC is None or INCLUDE is None, reason="needs NVRTC and the CUDA headers: "
                        "pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt"),
-    # (without CuPy, cuda_layers.py is imported through the simulation, which needs g++)
-    pytest.mark.skipif(importlib.util.find_spec("cupy") is None and shutil.which("g++") is None,
-                       reason="imports cuda_layers.py through tests/cudasim without CuPy, which needs g++"),
+    # (without CuPy, cuda_layers.py is imported through the simulation, which needs g++ and ml_dtypes)
+    pytest.mark.skipif(importlib.util.find_spec("cupy") is None and (
+        shutil.which("g++") is None or importlib.util.find_spec("ml_dtypes") is None),
+        reason="imports cuda_layers.py through tests/cudasim without CuPy, which needs g++ and ml_dtypes"),
 ]
 
 SCRIPT = os.path.join(ROOT, "dev", "check_kernels.py")
@@ -34,7 +35,8 @@ SCRIPT = os.path.join(ROOT, "dev", "check_kernels.py")
 def check(*args, code=None):
     # dev/check_kernels.py in a process of its own (without CuPy it imports cuda_layers.py through the
     # simulation, which must not leak into this one), or `code` run after importing it
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "dev"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.join(ROOT, "dev"),
+                                                                   os.environ.get("PYTHONPATH")) if p))
     command = [sys.executable, SCRIPT, *args] if code is None else [sys.executable, "-c", code]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
