@@ -1073,18 +1073,18 @@ def training_memory(config, B, T):
     # gradients and AdamW's two moments; with bf16, the weights' copy too), what gpt2_forward keeps of
     # each layer for the backward pass (17 arrays the size of (B,T,C) and attention's (B,NH,T,T),
     # which the fused GPU attention recomputes instead of keeping: it only needs two at a time, and
-    # flash attention none), and
-    # the logits, probabilities and their gradient (B,T,Vp), the largest of all for GPT-2's 50,257 tokens.
+    # flash attention none), and the logits, probabilities and their gradient (B,T,Vp), the largest of
+    # all for GPT-2's 50,257 tokens.
     C, L, NH, Vp = config.channels, config.num_layers, config.num_heads, config.padded_vocab_size
-    x = np.dtype(floatX).itemsize  # bytes per activation: 4, or 2 with --dtype bf16
+    N, x = num_parameters(config), np.dtype(floatX).itemsize  # x: bytes per activation, 4 or 2 (bf16)
     if attention_forward is PLAIN_LAYERS["attention_forward"]:
         kept_attention = L
     else:
         import cuda_layers
         kept_attention = 0 if cuda_layers.ATTENTION_KERNEL == "flash" else 2  # (flash keeps its tiles on chip)
-    weights = 4 * 4 * num_parameters(config) + (x * num_parameters(config) if x != 4 else 0)
+    weights = 4 * 4 * N + (x * N if floatX != np.float32 else 0)
     activations = x * L * 17 * B * T * C + 4 * kept_attention * B * NH * T * T
-    logits = (3 * 4 if x == 4 else 4 + 2 * x) * B * T * Vp  # (bf16: logits and dlogits bf16, probabilities fp32)
+    logits = (x + 4 + x) * B * T * Vp  # the logits and their gradient in floatX, the probabilities in float32
     return weights + activations + logits
 
 

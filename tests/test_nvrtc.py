@@ -5,6 +5,7 @@ CUDA's real bfloat16 and WMMA headers, and that ptxas needs no local memory for 
 Skipped without NVRTC and the CUDA headers (pip install nvidia-cuda-nvrtc nvidia-cuda-runtime
 nvidia-cuda-crt: requirements-dev.txt has them, for Linux)."""
 
+import ast
 import importlib.util
 import os
 import re
@@ -56,27 +57,30 @@ def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills()
     assert re.search(r"^\d+ kernels compiled, 0 errors, 0 spilling registers$", result.stdout, re.M)
 
 
-def test_a_kernel_that_does_not_compile_is_an_error():
-    # GeLU's source with a line that is not C++: the check must fail, and say which source and why
-    code = ("import check_kernels, sys\n"
+def check_patched(patch, only):
+    # (rows, errors) of check_kernels.check on sm_90 in float32, for the sources named like `only`, in a
+    # process of its own, after `patch` (a line of Python, with cuda_layers as cl) has changed a source
+    code = ("import check_kernels\n"
             "cl = check_kernels.import_cuda_layers()\n"
-            "cl._GELU_SRC += 'float gelu_constant = undeclared_name;\\n'\n"
-            "rows, errors = check_kernels.check(('90',), ('float32',), only='gelu')[2:]\n"
-            "print(len(rows), len(errors)); print(errors[0])\n")
+            f"{patch}\n"
+            f"print(repr(check_kernels.check(('90',), ('float32',), only={only!r})[2:]))\n")
     result = check(code=code)
     assert result.returncode == 0, result.stderr
-    count, error = result.stdout.split("\n", 1)
-    assert count == "0 1" and error.startswith("_GELU_SRC (float32, sm_90) does not compile") and "undeclared_name" in error
+    return ast.literal_eval(result.stdout)
+
+
+def test_a_kernel_that_does_not_compile_is_an_error():
+    # GeLU's source with a line that is not C++: the check must fail, and say which source and why
+    rows, errors = check_patched("cl._GELU_SRC += 'float gelu_constant = undeclared_name;\\n'", "gelu")
+    assert rows == [] and len(errors) == 1
+    assert errors[0].startswith("_GELU_SRC (float32, sm_90) does not compile") and "undeclared_name" in errors[0]
 
 
 def test_spilled_registers_are_seen():
     # a kernel that needs more registers than __launch_bounds__ leaves it spills to local memory
-    code = ("import check_kernels\n"
-            "cl = check_kernels.import_cuda_layers()\n"
-            "cl._FLASH_SRC = cl._FLASH_SRC.replace('extern \"C\" __global__ void flash_attention_backward_dkdv_kernel',"
-            " 'extern \"C\" __global__ void __launch_bounds__(128, 4) flash_attention_backward_dkdv_kernel')\n"
-            "rows = check_kernels.check(('90',), ('float32',), only='flash')[2]\n"
-            "print([r[3] for r in rows if r[5] > 0])\n")
-    result = check(code=code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['flash_attention_backward_dkdv_kernel']"
+    rows, errors = check_patched(
+        "cl._FLASH_SRC = cl._FLASH_SRC.replace('void flash_attention_backward_dkdv_kernel', "
+        "'void __launch_bounds__(128, 4) flash_attention_backward_dkdv_kernel')", "flash")
+    assert errors == []
+    assert [kernel for _, _, _, kernel, _, spill_stores, *_ in rows if spill_stores > 0] == \
+        ["flash_attention_backward_dkdv_kernel"]
