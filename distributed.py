@@ -72,11 +72,13 @@ def init(device="cpu"):
     try:
         from mpi4py import MPI
     except ImportError:
-        if size is None:  # a launcher that does not say how many (PMIx alone, as Slurm's srun): perhaps just this one
-            PROCESSES = SingleProcess()
+        if size is None and not rank:  # a launcher that does not say how many (PMIx alone, as Slurm's srun):
+            PROCESSES = SingleProcess()  # rank 0 may be the only one
             return PROCESSES
-        started = f"{size} processes"
-        if not rank:  # every process finds this out on its own: rank 0 alone says it
+        # every process finds this out on its own: rank 0 alone says it, or, where the launcher did not say
+        # how many there are, each process whose rank shows there are several
+        started = f"{size} processes" if size else f"several processes (this one is rank {rank})"
+        if not rank or size is None:
             print(f"error: mpiexec started {started}, but mpi4py is not installed: {MPI_INSTALL}", file=sys.stderr)
         sys.exit(2)
     if MPI.COMM_WORLD.Get_size() == 1:

@@ -16,7 +16,7 @@ import pytest
 
 import distributed
 import train_gpt2 as tg
-from helpers import MODEL, ROOT, run, write_tokens
+from helpers import MODEL, ROOT, assert_one_error_line, run, write_tokens
 
 def find_mpiexec():
     # the mpiexec of the MPI that mpi4py uses: the one pip's mpich put beside this Python, else the PATH's
@@ -308,6 +308,11 @@ def test_a_launcher_that_does_not_say_how_many_without_mpi4py_is_one_process(tmp
     env = clean_env(PMIX_RANK="0", PYTHONPATH=str(tmp_path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0 and result.stdout.split() == ["SingleProcess"], result.stderr
+    # but rank 3 shows there are several: one error line, not a fourth training of its own
+    env = clean_env(PMIX_RANK="3", PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.stdout == "", result.stdout
+    assert_one_error_line(result, "mpiexec started several processes (this one is rank 3), but mpi4py")
 
 
 def test_launcher_environment(monkeypatch):
