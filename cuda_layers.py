@@ -4,8 +4,8 @@ Fused GPU forms of train_gpt2.py's layers, for --device cuda: llm.c's llmc/ fold
 With xp = cupy, every layer of train_gpt2.py already runs on the GPU as written, but a layer such
 as layernorm is a chain of a dozen array operations, each one a kernel launch and a pass over
 memory. Here the layers that profiling showed to matter are written again as one (or a few) CUDA
-kernels each, with CuPy's own tools: ElementwiseKernel when the formula is one line per element,
-RawKernel otherwise. Attention's matrix products call cuBLAS's strided-batched GEMM directly, with
+kernels each, with CuPy's own tools: RawKernels, and an ElementwiseKernel for AdamW, whose formula
+is a few lines per element. Attention's matrix products call cuBLAS's strided-batched GEMM directly, with
 TF32 tensor cores (CuPy's 3-D `@` does not use them), by blocks of rows; or, with --attention flash,
 attention is one pass of our own on the tensor cores (WMMA), FlashAttention's way. The GPU's
 encoder backward adds in a fixed order (no atomics), so that a GPU run is bit-for-bit reproducible.
@@ -26,7 +26,8 @@ converts, and rounds once when it stores), the matrix products multiply bfloat16
 and add in float32, and the numerically touchy values stay float32 in memory too: LayerNorm's mean
 and rstd, attention's scores before the softmax, the probabilities and the loss, and every gradient
 of a parameter (see train_gpt2.py, "mixed precision"). Each kernel is written once, over a type
-floatX (float or __nv_bfloat16, llm.c's name), and compiled for the dtype of the arrays it is given.
+floatX (float or __nv_bfloat16, llm.c's name), and compiled for the dtype of the arrays it is given;
+except AdamW's and sampling's (cached attention), which only ever see float32 (the parameters).
 CuPy compiles every kernel with -ftz=true: results below 1e-38 flush to zero.
 
 Nothing here touches the GPU when the module is imported: CuPy compiles each kernel at its first
@@ -46,7 +47,7 @@ import numpy as np
 # ----------------------------------------------------------------------------
 # matrix products: cuBLAS strided-batched GEMM, TF32 by default
 
-_tf32 = True  # TF32 tensor cores for attention's GEMMs here; set_tf32 also sets it for CuPy's own matmul
+_tf32 = True  # TF32 tensor cores for the GEMMs here (attention, matmul's dweight); set_tf32 also sets CuPy's
 floatX = np.dtype(np.float32)  # the activations' dtype (set_dtype): float32, or bfloat16 with --dtype bf16
 
 
@@ -76,6 +77,13 @@ def set_dtype(dtype):
     assert floatX.name in _FLOATX, floatX
 
 
+def _first_line(e, word=""):
+    # an exception's message in one line: its first line with `word` in it (NVRTC's log may start with
+    # warnings), else its first line, else its class name
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return next((line for line in lines if word in line), lines[0] if lines else type(e).__name__)
+
+
 def bfloat16():
     # the dtype of --dtype bf16, ml_dtypes' bfloat16 (which CuPy uses), once this GPU and this CuPy are
     # checked to compute with it; else RuntimeError, saying why
@@ -91,7 +99,7 @@ def bfloat16():
         a = cupy.ones((2, 2), dtype=bfloat16)
         ((a + a) @ a).astype(np.float32)
     except Exception as e:  # noqa: BLE001 (whatever an older CuPy raises: its reason goes in the message)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _first_line(e)
         raise RuntimeError(f"CuPy {cupy.__version__} cannot make bfloat16 arrays here ({reason}): it needs CuPy 14 or "
                            f"later, with NumPy 2.1.2 or later") from None
     return bfloat16
@@ -127,9 +135,9 @@ def _matrix(x):
 def _batched_matmul(a, b, out, transpose_a=False, transpose_b=False, tf32=None):
     # out[i] = op(a[i]) @ op(b[i]) for each i of the first (batch) axis, where op(x) is x.T if asked.
     # All three are (batch, rows, cols) arrays with contiguous rows (see _matrix); out is (batch, M, N).
-    # a and b are both float32 (then TF32 as set_tf32 chose, unless tf32 says otherwise) or both
-    # bfloat16 (then the tensor cores multiply bfloat16 and add in float32); out is either, whatever
-    # a and b are: cuBLAS rounds the float32 sums to out's dtype once, at the end.
+    # a and b are both float32 (then TF32 as set_tf32 chose, unless tf32 says otherwise; out float32)
+    # or both bfloat16 (then the tensor cores multiply bfloat16 and add in float32; out float32 or
+    # bfloat16: cuBLAS rounds the float32 sums to out's dtype once, at the end).
     batch, M, N = out.shape
     K = a.shape[1] if transpose_a else a.shape[2]
     assert a.shape[0] == b.shape[0] == batch and (b.shape[2] if transpose_b else b.shape[1]) == K
@@ -212,11 +220,15 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-@functools.cache
 def _kernel(source, name, dtype, options=()):
     # the RawKernel `name` of `source`, with floatX defined as the dtype of the arrays it will be given
     # (float32 or bfloat16); CuPy compiles it at its first launch, with NVRTC's `options` added to its own
-    return cupy.RawKernel(_FLOATX[np.dtype(dtype).name] + source, name, options=options)
+    return _raw_kernel(source, name, np.dtype(dtype).name, options)
+
+
+@functools.cache  # (by the dtype's name: np.float32 and np.dtype("float32") are one kernel)
+def _raw_kernel(source, name, dtype_name, options):
+    return cupy.RawKernel(_FLOATX[dtype_name] + source, name, options=options)
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +236,7 @@ def _kernel(source, name, dtype, options=()):
 # plain layer: xp.add.at(dwte, inp, dout), dwpe[:T] = dout.sum(axis=0), dwpe[T:] = 0. On a GPU, CuPy's
 # add.at adds the rows of a repeated token with atomics, in whatever order the threads arrive: the
 # sum's float32 rounding, and so every later step, changes from run to run. Here the positions are
-# sorted by token first, and one block adds up each token's rows in that fixed order (llm.c's
+# sorted by token first, and a row of blocks adds up each token's rows in that fixed order (llm.c's
 # deterministic encoder_backward buckets them the same way): the same bits every run, so a resumed
 # run continues exactly as the uninterrupted one would have.
 
@@ -528,7 +540,7 @@ def layernorm_backward(dout, cache, dweight, dbias):
 # Attention
 # plain layer, per (b, head): preatt = q @ k^T / sqrt(hs); att = softmax(preatt) over t2 <= t
 # (the causal mask), out = att @ v. The products are cuBLAS GEMMs over all B*NH heads at once;
-# the softmax and its backward are one warp per row (b, h, t) of T entries.
+# the softmax and its backward are one warp per row (b, h, t), up to the end of its block of rows.
 #
 # Memory: att is (B,NH,T,T), 400 MB per layer at B=8, T=1024, NH=12, and the plain layer keeps it
 # for the backward pass: 4.8 GB for GPT-2's 12 layers. The fused forward keeps only q, k, v and each
@@ -720,12 +732,14 @@ def attention_backward(dout, cache):
 # their (B,T,3C) and (B,T,C) layouts: no transposed copies. Written for GPT-2's head size 64 and T a
 # multiple of 64; anything else takes the blocked form.
 
-_FLASH_SRC = "#include <mma.h>\n" + _CUDA_COMMON + r"""
-using namespace nvcuda;
-#define HS 64      // head size (every GPT-2 has 64)
-#define ROWS 64    // query rows (or keys) per block: 4 warps of 16
-#define KEYS 64    // keys (or queries) per step of a warp's walk
-#define WARPS 4
+FLASH_HEAD_SIZE, FLASH_ROWS, FLASH_WARPS = 64, 64, 4  # head size; query rows (or keys) per block, 16 a warp
+FLASH_SCALE = 1.0 / math.sqrt(FLASH_HEAD_SIZE)  # attention's 1/sqrt(hs)
+_FLASH_SRC = "#include <mma.h>\n" + _CUDA_COMMON + f"""
+#define HS {FLASH_HEAD_SIZE}      // head size (every GPT-2 has 64)
+#define ROWS {FLASH_ROWS}    // query rows (or keys) per block: WARPS warps of 16
+#define KEYS ROWS  // keys (or queries) per step of a warp's walk (dk/dv's walk starts at its block's ROWS)
+#define WARPS {FLASH_WARPS}
+""" + r"""using namespace nvcuda;
 #define OUT_LD (HS + 4)  // the row stride of a warp's (16, HS) output tile in shared memory: 4 floats of
                          // padding put the rows that lanes read side by side in different banks
 #if FLOATX_IS_FLOAT
@@ -1014,7 +1028,6 @@ extern "C" __global__ void flash_attention_backward_dkdv_kernel(
     store_rows(dk_rows + C, ld, dv, scores, 1.0f);
 }
 """
-FLASH_HEAD_SIZE, FLASH_ROWS, FLASH_WARPS = 64, 64, 4
 # "blocked" (the cuBLAS products by blocks above, measured) or "flash" (this one: tested against the
 # plain layer, here and in the CPU simulation, but not yet timed on a GPU). dev/bench.py --attention
 # flash times it.
@@ -1041,6 +1054,7 @@ def _cuda_toolkit_include(nvrtc_major=None):
     # the include directory of an installed CUDA toolkit that has WMMA's crt/mma.h and is of the same
     # CUDA major version as NVRTC (CuPy's, unless given), or None: where CUDA_PATH or CUDA_HOME says,
     # else nvcc's, else /usr/local/cuda
+    nvrtc_major = nvrtc_major or _nvrtc_major()
     nvcc = shutil.which("nvcc")
     for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"),
                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
@@ -1051,15 +1065,19 @@ def _cuda_toolkit_include(nvrtc_major=None):
                     version = int(re.search(r"#define\s+CUDA_VERSION\s+(\d+)", f.read()).group(1))
             except (OSError, AttributeError):
                 continue
-            if version // 1000 == (nvrtc_major or _nvrtc_major()):
+            if version // 1000 == nvrtc_major:
                 return include
     return None
 
 
-def _compile_error(e):
-    # the line of an NVRTC log that says what is wrong (its first lines may be warnings)
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return next((line for line in lines if "error" in line), lines[0] if lines else type(e).__name__)
+def _compile_flash(dtype, options):
+    # compiles the flash kernels for dtype, with NVRTC's options: None, or what NVRTC raised
+    try:
+        for name in FLASH_KERNELS:
+            _kernel(_FLASH_SRC, name, dtype, options).compile()
+    except Exception as e:  # noqa: BLE001 (NVRTC's errors, whatever their class)
+        return e
+    return None
 
 
 def compile_flash_attention(dtype):
@@ -1069,26 +1087,16 @@ def compile_flash_attention(dtype):
     # Where a CUDA toolkit of the same CUDA version is installed too, its headers stand in for the
     # flash kernels (NVRTC then reads them before CuPy's).
     global _flash_options
-
-    def compile_all():
-        for name in FLASH_KERNELS:
-            _kernel(_FLASH_SRC, name, dtype, _flash_options).compile()
-
-    try:
-        compile_all()
+    error = _compile_flash(dtype, _flash_options)
+    if error is None:
         return
-    except Exception as e:  # noqa: BLE001 (NVRTC's errors, whatever their class)
-        error = e
-    missing_crt = '"crt/mma.h"' in str(error)
-    toolkit = _cuda_toolkit_include() if missing_crt else None
+    toolkit = _cuda_toolkit_include() if '"crt/mma.h"' in str(error) else None
     if toolkit:
-        before, _flash_options = _flash_options, (f"-I{toolkit}",)
-        try:
-            compile_all()
+        error = _compile_flash(dtype, (f"-I{toolkit}",))
+        if error is None:
+            _flash_options = (f"-I{toolkit}",)  # what the flash launches pass from now on
             return
-        except Exception as e:  # noqa: BLE001
-            _flash_options, error = before, e
-    reason = _compile_error(error)
+    reason = _first_line(error, "error")
     if '"crt/mma.h"' in str(error):
         reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
     raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
@@ -1114,8 +1122,11 @@ def _flash_attention_forward(inp, NH):
     lse = cupy.empty((B, NH, T), dtype=cupy.float32)
     _kernel(_FLASH_SRC, "flash_attention_forward_kernel", inp.dtype, _flash_options)(
         (T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,),
-        (out, lse, inp, np.int32(T), np.int32(NH), np.float32(1.0 / math.sqrt(FLASH_HEAD_SIZE))))
+        (out, lse, inp, np.int32(T), np.int32(NH), np.float32(FLASH_SCALE)))
     return out, ("flash", inp, out, lse, NH)
+
+
+DELTA_THREADS = 256
 
 
 def _flash_attention_backward(dout, cache):
@@ -1124,9 +1135,9 @@ def _flash_attention_backward(dout, cache):
     dout = _tile_aligned(dout)
     delta = cupy.empty((B, NH, T), dtype=cupy.float32)
     _kernel(_FLASH_SRC, "flash_attention_delta_kernel", inp.dtype, _flash_options)(
-        (_ceil_div(B * NH * T, 256),), (256,), (delta, dout, out, np.int32(B), np.int32(T), np.int32(NH)))
+        (_ceil_div(B * NH * T, DELTA_THREADS),), (DELTA_THREADS,), (delta, dout, out, np.int32(B), np.int32(T), np.int32(NH)))
     dinp = cupy.empty((B, T, C3), dtype=inp.dtype)
-    args = (dinp, inp, dout, lse, delta, np.int32(T), np.int32(NH), np.float32(1.0 / math.sqrt(FLASH_HEAD_SIZE)))
+    args = (dinp, inp, dout, lse, delta, np.int32(T), np.int32(NH), np.float32(FLASH_SCALE))
     for name in ("flash_attention_backward_dq_kernel", "flash_attention_backward_dkdv_kernel"):
         _kernel(_FLASH_SRC, name, inp.dtype, _flash_options)((T // FLASH_ROWS, B * NH), (FLASH_WARPS * WARP_SIZE,), args)
     return dinp

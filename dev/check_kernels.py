@@ -48,7 +48,8 @@ SM_LIMITS = {"80": (65536, 164 * 1024, 32, 2048), "86": (65536, 100 * 1024, 16, 
 
 def import_cuda_layers():
     # cuda_layers.py imports CuPy at the top; without it, the simulation gives it what it needs
-    sys.path.insert(0, ROOT)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
     try:
         import cupy  # noqa: F401
     except ImportError:
@@ -57,13 +58,17 @@ def import_cuda_layers():
     return cuda_layers
 
 
+# the name of each kernel a CUDA source defines
+KERNEL_NAME = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
+
+
 def kernel_sources(cuda_layers):
     # every kernel source of cuda_layers.py: its module-level strings that define a __global__ function,
     # by name, with the kernels each defines
     sources = {}
     for name, value in sorted(vars(cuda_layers).items()):
         if isinstance(value, str) and "__global__" in value:
-            kernels = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", value)
+            kernels = KERNEL_NAME.findall(value)
             sources[name] = (value, kernels)
     return sources
 
@@ -164,30 +169,32 @@ def compiler_options(include):
     return "our", ["--std=c++17", f"-I{include}"]
 
 
-def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_path=None, include=None):
-    # compiles every kernel source (those whose name contains `only`) for every (arch, dtype), with
-    # CuPy's options, or with the headers of `include` where given; returns (nvrtc, (whose, options),
-    # rows, errors): a row per kernel, (arch, dtype, source, kernel, regs, spill stores, spill loads,
-    # smem), and a line per failure (a source that does not compile, a warning, a kernel ptxas did not
-    # report)
+def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=None, include=None):
+    # compiles every kernel source (those whose name contains `only`) for every (arch, dtype) with
+    # nvrtc (an NVRTC, found if not given), with CuPy's options, or with the headers of `include` where
+    # given; returns ((whose, options), rows, errors): a row per kernel, (arch, dtype, source, kernel,
+    # regs, spill stores, spill loads, smem), and a line per failure (a source that does not compile,
+    # a warning, a kernel ptxas did not report)
     cuda_layers = import_cuda_layers()
-    nvrtc = NVRTC(nvrtc_path or find_nvrtc())
+    if nvrtc is None:
+        if find_nvrtc() is None:
+            raise RuntimeError("no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc")
+        nvrtc = NVRTC(find_nvrtc())
     whose, base_options = compiler_options(include)
     sources = {name: source for name, source in kernel_sources(cuda_layers).items()
                if not only or only.lower() in name.lower()}
+    # as compile_flash_attention does where CuPy's headers lack WMMA's crt/mma.h: a CUDA toolkit's
+    # headers of this NVRTC's version first (not where --include chose the headers)
+    toolkit = cuda_layers._cuda_toolkit_include(nvrtc.major) if include is None else None
     rows, errors = [], []
     for arch in arches:
         for dtype in dtypes:
             for name, (source, kernels) in sources.items():
                 options = base_options + [f"-arch=sm_{arch}", "-Xptxas", "-v"]
                 ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, options)
-                # as compile_flash_attention does where CuPy's headers lack WMMA's crt/mma.h: a CUDA
-                # toolkit's of the same version as this NVRTC first (not where --include chose them)
-                if not ok and '"crt/mma.h"' in log and include is None:
-                    toolkit = cuda_layers._cuda_toolkit_include(nvrtc.major)
-                    if toolkit:
-                        ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
-                        print(f"note: {name} ({dtype}, sm_{arch}) needs crt/mma.h: compiled with {toolkit} first")
+                if not ok and '"crt/mma.h"' in log and toolkit:
+                    ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
+                    print(f"note: {name} ({dtype}, sm_{arch}) needs crt/mma.h: compiled with {toolkit} first")
                 if not ok:
                     errors.append(f"{name} ({dtype}, sm_{arch}) does not compile:\n{log.strip()}")
                     continue
@@ -199,7 +206,7 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc_
                         errors.append(f"{name} ({dtype}, sm_{arch}): ptxas said nothing of {kernel}")
                         continue
                     rows.append((arch, dtype, name, kernel) + info[kernel])
-    return nvrtc, (whose, base_options), rows, errors
+    return (whose, base_options), rows, errors
 
 
 def fail(message):
@@ -223,7 +230,7 @@ def main():
     if nvrtc_path is None:
         fail("no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc, or set CUDA_PATH or --nvrtc")
     try:
-        NVRTC(nvrtc_path)
+        nvrtc = NVRTC(nvrtc_path)
     except (OSError, AttributeError) as e:  # not there, or not NVRTC
         fail(f"--nvrtc {nvrtc_path} is not a loadable NVRTC library ({e})")
     if (args.include or find_include()) is None:
@@ -235,15 +242,16 @@ def main():
         cuda_layers = import_cuda_layers()
     except ImportError as e:  # no CuPy, and the simulation needs g++ and ml_dtypes
         fail(f"cannot import cuda_layers.py for its kernel sources ({e})")
-    if args.only and not any(args.only.lower() in name.lower() for name in kernel_sources(cuda_layers)):
-        fail(f"--only {args.only}: no kernel source's name contains it (they are {', '.join(kernel_sources(cuda_layers))})")
-    nvrtc, (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc_path, args.include)
+    names = list(kernel_sources(cuda_layers))
+    if args.only and not any(args.only.lower() in name.lower() for name in names):
+        fail(f"--only {args.only}: no kernel source's name contains it (they are {', '.join(names)})")
+    (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc, args.include)
     print(f"NVRTC {nvrtc.version} ({nvrtc_path}), {whose} options: {' '.join(options)}")
     print(f"{'arch':6s} {'dtype':9s} {'kernel':42s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} {'blocks/SM':>9s}")
     spills = 0
     for arch, dtype, _, kernel, regs, spill_st, spill_ld, smem in rows:
         fit = None
-        if kernel.startswith("flash_attention") and kernel != "flash_attention_delta_kernel":
+        if kernel in cuda_layers.FLASH_KERNELS and kernel != "flash_attention_delta_kernel":  # (4 warps a block)
             fit = blocks_per_sm(arch, cuda_layers.FLASH_WARPS * 32, regs, smem)
         print(f"sm_{arch:3s} {dtype:9s} {kernel:42s} {regs:5d} {f'{spill_st}/{spill_ld}':>12s} {smem:7d} "
               f"{'-' if fit is None else fit:>9}")

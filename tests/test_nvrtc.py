@@ -47,8 +47,7 @@ def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills()
     assert result.returncode == 0, result.stdout + result.stderr
     rows = re.findall(r"^sm_(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)/(\d+)", result.stdout, re.M)
     # every kernel named in a source, once per (arch, dtype): a check that found nothing would say nothing
-    names = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(",
-                           open(os.path.join(ROOT, "cuda_layers.py")).read()))
+    names = set(check_kernels.KERNEL_NAME.findall(open(os.path.join(ROOT, "cuda_layers.py")).read()))
     assert len(names) >= 17 and "flash_attention_backward_dkdv_kernel" in names
     for arch in ("80", "90"):
         for dtype in ("float32", "bfloat16"):
@@ -63,7 +62,7 @@ def check_patched(patch, only):
     code = ("import check_kernels\n"
             "cl = check_kernels.import_cuda_layers()\n"
             f"{patch}\n"
-            f"print(repr(check_kernels.check(('90',), ('float32',), only={only!r})[2:]))\n")
+            f"print(repr(check_kernels.check(('90',), ('float32',), only={only!r})[1:]))\n")
     result = check(code=code)
     assert result.returncode == 0, result.stderr
     return ast.literal_eval(result.stdout)
