@@ -41,6 +41,20 @@ def usable_gpu():
         return False, f"no usable GPU for CuPy ({type(e).__name__}: {e})"
 
 
+def usable_bf16():
+    # (True, "") where --dtype bf16 can run, else (False, why not): what use_device checks (ml_dtypes,
+    # compute capability 8.0, CuPy 14 with NumPy 2.1.2 or later), through cuda_layers.bfloat16
+    gpu, why = usable_gpu()
+    if not gpu:
+        return False, why
+    try:
+        import cuda_layers
+        cuda_layers.bfloat16()
+        return True, ""
+    except (ImportError, RuntimeError) as e:
+        return False, f"--dtype bf16: {e}"
+
+
 def header(*values):
     # llm.c's 1024-byte header: 256 little-endian int32, these values first, zeros after
     return struct.pack("<256i", *values, *([0] * (256 - len(values))))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
-from helpers import FIXTURE_ARGS, MODEL, run, usable_gpu, write_tokens
+from helpers import FIXTURE_ARGS, MODEL, run, usable_bf16, usable_gpu, write_tokens
 
 GPU, _why = usable_gpu()
 if GPU:
@@ -148,25 +148,14 @@ def test_checkpoint_bytes_are_the_same_from_either_device(tmp_path):
 # ----------------------------------------------------------------------------
 # mixed precision (--dtype bf16)
 
-try:
-    import ml_dtypes
-except ImportError:
-    ml_dtypes = None
-def bf16_usable():
-    try:  # what use_device checks: ml_dtypes, compute capability 8.0, CuPy 14 and NumPy 2.1.2 or later
-        import cuda_layers
-        return bool(cuda_layers.bfloat16())
-    except (ImportError, RuntimeError):
-        return False
-
-
-BF16 = GPU and bf16_usable()
-BF16_REASON = "--dtype bf16 needs ml_dtypes, CuPy 14 (NumPy 2.1.2) and a GPU of compute capability 8.0 or later"
+BF16, BF16_REASON = usable_bf16()
 bf16_only = pytest.mark.skipif(not BF16, reason=BF16_REASON)
+BF16_PARAM = pytest.param("bf16", marks=bf16_only)  # a "bf16" case of a test over both dtypes
 
 
 @bf16_only
 def test_bf16_arrays_and_what_stays_float32():
+    import ml_dtypes
     tg.use_device("cuda", dtype="bf16")
     try:
         model = tg.gpt2_build_from_checkpoint(MODEL)
@@ -228,10 +217,8 @@ def test_test_gpt2_bf16():
     assert "bf16" in result.stdout.splitlines()[0]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", BF16_PARAM])
 def test_a_gpu_run_resumes_exactly_and_its_checkpoints_load_on_the_cpu(tmp_path, data, dtype):
-    if dtype == "bf16" and not BF16:
-        pytest.skip(BF16_REASON)
     full = train(tmp_path, data, "cuda", "--dtype", dtype, "--steps", "8", "--output", str(tmp_path / "full.bin"))
     run_dir = str(tmp_path / f"run_{dtype}")
     train(tmp_path, data, "cuda", "--dtype", dtype, "--steps", "4", "--output-dir", run_dir)
@@ -268,10 +255,8 @@ def flash_steps(dtype, attention, n=3):
         tg.use_device("cpu")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", BF16_PARAM])
 def test_flash_attention_trains_as_the_blocked_one(dtype):
-    if dtype == "bf16" and not BF16:
-        pytest.skip(BF16_REASON)
     blocked_losses, blocked_grads = flash_steps(dtype, "blocked")
     flash_losses, flash_grads = flash_steps(dtype, "flash")
     # TF32 (fp32) or bf16 roundings in another order: close, not equal

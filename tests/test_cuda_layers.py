@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import usable_gpu
+from helpers import usable_bf16, usable_gpu
 
 _gpu, _why = usable_gpu()
 if not _gpu:
@@ -408,7 +408,9 @@ def test_matmul_forward_one_row(rng, C, OC, bias):
 # nearest, 8 bits of mantissa); float32 outputs (statistics, probabilities, the gradients of the
 # parameters) must stay at float32's accuracy, since bfloat16 products are exact in float32.
 
-bfloat16 = pytest.importorskip("ml_dtypes", reason="ml_dtypes (CuPy's bfloat16 dtype) is not installed").bfloat16
+BF16, _bf16_why = usable_bf16()
+bf16_only = pytest.mark.skipif(not BF16, reason=_bf16_why)
+bfloat16 = cl.bfloat16() if BF16 else None
 RTOL_BF16 = 2.0 ** -8  # one rounding to bfloat16 (at most 2^-9 per element), with room for float32's
 RTOL_BF16_CHAIN = 1.5e-2  # attention: att and dpreatt are rounded to bfloat16 on the way, then multiplied
 
@@ -444,6 +446,7 @@ BF16_SHAPES = [(2, 37, 48, 4), (3, 65, 45, 5), (1, 1, 24, 2)]
 BF16_IDS = [f"B{B}-T{T}-C{C}-NH{NH}" for B, T, C, NH in BF16_SHAPES]
 
 
+@bf16_only
 @pytest.mark.parametrize("B, T, C, NH", BF16_SHAPES, ids=BF16_IDS)
 def test_gelu_bf16(rng, B, T, C, NH):
     inp, dout = round_bf16(randn(rng, B, T, 4 * C, scale=2.0)), round_bf16(randn(rng, B, T, 4 * C))
@@ -453,6 +456,7 @@ def test_gelu_bf16(rng, B, T, C, NH):
     assert_close_bf16(cl.gelu_backward(to_gpu_bf16(dout), cache_gpu), plain("gelu_backward")(dout.astype(np.float64), cache))
 
 
+@bf16_only
 def test_encoder_backward_bf16(rng):
     # a bfloat16 gradient in, float32 sums into the float32 gradients of wte and wpe
     inp, dout, dwte, maxT = encoder_case(rng, 3, 40, 48, 50, 45)
@@ -465,6 +469,7 @@ def test_encoder_backward_bf16(rng):
     assert_close_bf16(dwpe_gpu, expected_dwpe, RTOL, np.float32)
 
 
+@bf16_only
 @pytest.mark.parametrize("B, T, C", [(2, 37, 48), (4, 300, 37), (1, 1, 24)])
 def test_layernorm_bf16(rng, B, T, C):
     inp, dout = round_bf16(randn(rng, B, T, C, scale=2.0, shift=0.5)), round_bf16(randn(rng, B, T, C))
@@ -485,6 +490,7 @@ def test_layernorm_bf16(rng, B, T, C):
     assert cupy.isnan(grads[0]).all()
 
 
+@bf16_only
 @pytest.mark.parametrize("B, T, C, OC, bias", [(2, 37, 48, 144, True), (1, 1, 24, 7, True), (3, 65, 45, 180, False)])
 def test_matmul_bf16(rng, B, T, C, OC, bias):
     inp, weight, dout = (round_bf16(randn(rng, *shape)) for shape in ((B, T, C), (OC, C), (B, T, OC)))
@@ -507,6 +513,7 @@ def test_matmul_bf16(rng, B, T, C, OC, bias):
         assert bool(cupy.isnan(grads[1, OC:]).all())
 
 
+@bf16_only
 @pytest.mark.parametrize("B, T, C, NH", BF16_SHAPES + [(2, 130, 96, 3)], ids=BF16_IDS + ["B2-T130-C96-NH3"])
 def test_attention_bf16(rng, B, T, C, NH):
     inp, dout = round_bf16(randn(rng, B, T, 3 * C)), round_bf16(randn(rng, B, T, C))
@@ -518,6 +525,7 @@ def test_attention_bf16(rng, B, T, C, NH):
     assert_close_bf16(cl.attention_backward(to_gpu_bf16(dout), cache_gpu), dinp, RTOL_BF16_CHAIN)
 
 
+@bf16_only
 def test_softmax_and_crossentropy_bf16(rng, bf16_dlogits):
     # bfloat16 logits in, float32 probabilities out; dlogits (the classifier's matmul_backward input) bfloat16
     B, T, V, Vp = 2, 5, 333, 384
@@ -557,6 +565,7 @@ def test_flash_attention_tf32(rng, flash, B, T, C, NH):
     assert_close(cl.attention_backward(cupy.asarray(dout), cache_gpu), plain("attention_backward")(dout, cache), RTOL_TF32)
 
 
+@bf16_only
 @pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
 def test_flash_attention_bf16(rng, flash, B, T, C, NH):
     inp, dout = round_bf16(randn(rng, B, T, 3 * C)), round_bf16(randn(rng, B, T, C))
