@@ -6,9 +6,11 @@ tests/conftest.py puts this folder first on the module path when CUDASIM=1, so `
 this package instead of CuPy. What it does, as numba's CUDA simulator does for numba:
 - arrays are NumPy arrays (a subclass whose .data.ptr is the host address);
 - RawKernel compiles the kernel's CUDA C++ with g++ against simt.h, which gives threadIdx,
-  blockIdx, __syncthreads, __syncwarp, __shfl_xor_sync and a bfloat16 type, and runs the grid block
-  after block with one host thread per CUDA thread (so barriers and warp shuffles really meet);
-  shared memory starts as NaN, and pointer arguments must be contiguous arrays of the kernel's types;
+  blockIdx, __syncthreads, __syncwarp, __shfl_xor_sync, a bfloat16 type and WMMA's tiles, and runs
+  the grid block after block, each CUDA thread a fiber of one host thread that runs until a barrier
+  or a shuffle (so barriers and warp shuffles really meet); dynamic shared memory starts as NaN
+  (static __shared__ arrays keep what the block before left), and pointer arguments must be
+  contiguous arrays of the kernel's types;
 - ElementwiseKernel compiles its one-line operation into a loop;
 - cuBLAS's gemmStridedBatchedEx is done in NumPy (float64 sums, rounded once to the output type;
   TF32 rounds the inputs to 10 mantissa bits first), with bounds checks on every matrix it reads;
@@ -70,10 +72,9 @@ def __getattr__(name):
         return f
 
     def wrapped(*args, **kwargs):
-        if name in ("sort", "argsort", "partition", "argpartition", "matmul") and args:
-            if name == "matmul" and len(args) == 2 and not kwargs:
-                return args[0] @ args[1]  # (bfloat16: as ndarray.__matmul__, CuPy's limits included)
-            _sim.refuse_bfloat16_sort(name, args[0])
+        # (NumPy's sort, argsort, partition and argpartition call the array's own, which refuse bfloat16)
+        if name == "matmul" and len(args) == 2 and not kwargs:
+            return args[0] @ args[1]  # (bfloat16: as ndarray.__matmul__, CuPy's limits included)
         r = f(*args, **kwargs)
         return wrap(r) if isinstance(r, np.ndarray) else r
     return wrapped

@@ -114,6 +114,10 @@ class ndarray(np.ndarray):
         refuse_bfloat16_sort("partition", self)
         return np.ndarray.partition(self, *args, **kwargs)
 
+    def argpartition(self, *args, **kwargs):
+        refuse_bfloat16_sort("argpartition", self)
+        return np.ndarray.argpartition(self, *args, **kwargs)
+
 
 def refuse_bfloat16_sort(name, a):
     if getattr(a, "dtype", None) == BFLOAT16:
@@ -134,8 +138,8 @@ def compile_library(source, tag):
         with open(tmp + ".cpp", "w") as f:
             f.write(source)
         flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if SANITIZE else ["-O2"]
-        subprocess.run(["g++", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=off", *flags, "-o", tmp, tmp + ".cpp",
-                        "-lpthread"], check=True)
+        subprocess.run(["g++", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=off", *flags, "-o", tmp, tmp + ".cpp"],
+                       check=True)
         os.replace(tmp, library)
         os.remove(tmp + ".cpp")
     return ctypes.CDLL(library)
@@ -208,17 +212,12 @@ class RawKernel:
 # ----------------------------------------------------------------------------
 # ElementwiseKernel: "float32 x, float32 y" in, "float32 z" out, an operation per element
 
-_ELEMENT_TYPES = {"float32": ("float", np.float32), "int64": ("long long", np.int64), "int32": ("int", np.int32)}
+_ELEMENT_TYPES = {"float32": ("float", np.float32)}  # (AdamW's: all it needs)
 
 
 def _parameters(spec):
-    # [(raw, type, name)] of "raw float32 x, float32 y, ..."
-    out = []
-    for p in spec.split(","):
-        words = p.split()
-        raw = words[0] == "raw"
-        out.append((raw, *words[raw:]))
-    return out
+    # [(type, name)] of "float32 x, float32 y, ..."
+    return [tuple(p.split()) for p in spec.split(",")]
 
 
 class ElementwiseKernel:
@@ -227,17 +226,16 @@ class ElementwiseKernel:
         assert set(kwargs) <= {"options", "loop_prep", "after_loop"}, kwargs
         self.ins, self.outs = _parameters(in_params), _parameters(out_params)
         self.operation, self.name, self.preamble = operation, name, preamble
-        names = [p[2] for p in self.ins + self.outs]
+        names = [n for _, n in self.ins + self.outs]
         assert "i" not in names and len(set(names)) == len(names)
+        self.libraries = {}  # compiled, by which arguments are arrays (the others are scalars)
 
     def _source(self, is_array):
         before, per_element = [], []
-        for k, ((raw, t, n), array) in enumerate(zip(self.ins + self.outs, is_array)):
+        for k, ((t, n), array) in enumerate(zip(self.ins + self.outs, is_array)):
             c = _ELEMENT_TYPES[t][0]
             const = "const " if k < len(self.ins) else ""
-            if raw:
-                before.append(f"{const}{c}* {n} = ({c}*)(*(void**)&args[{k}]);")
-            elif array:
+            if array:
                 before.append(f"{c}* ARRAY_{k} = ({c}*)(*(void**)&args[{k}]);")
                 per_element.append(f"{const}{c}& {n} = ARRAY_{k}[i];")
             else:
@@ -247,19 +245,19 @@ class ElementwiseKernel:
                 "\nfor (ptrdiff_t i = 0; i < n; i++) {\n" + "\n".join(per_element) + "\n" + self.operation + "\n}\n}\n")
 
     def __call__(self, *args):
+        # (the outputs are always given, as AdamW gives them)
         nin = len(self.ins)
-        assert len(args) in (nin, nin + len(self.outs))
-        shapes = {a.shape for (raw, _, _), a in zip(self.ins + self.outs, args) if isinstance(a, ndarray) and not raw}
+        assert len(args) == nin + len(self.outs), (self.name, len(args))
+        shapes = {a.shape for a in args if isinstance(a, ndarray)}
         assert len(shapes) == 1, (self.name, shapes)  # (CuPy would broadcast; nothing here needs it)
         shape = shapes.pop()
-        outs = list(args[nin:]) or [wrap(np.empty(shape, _ELEMENT_TYPES[t][1])) for _, t, _ in self.outs]
         buffers = []
-        for k, ((raw, t, n), a) in enumerate(zip(self.ins + self.outs, list(args[:nin]) + outs)):
+        for k, ((t, n), a) in enumerate(zip(self.ins + self.outs, args)):
             expected = _ELEMENT_TYPES[t][1]
             if isinstance(a, ndarray):
                 assert a.dtype == expected, (self.name, n, a.dtype)
-                if k >= nin or raw:
-                    assert a.flags.c_contiguous and (raw or a.shape == shape), (self.name, n)
+                if k >= nin:
+                    assert a.flags.c_contiguous, (self.name, n)
                     buffers.append(a)
                 else:
                     buffers.append(np.ascontiguousarray(a))  # CuPy follows strides: a contiguous copy, the same values
@@ -267,6 +265,9 @@ class ElementwiseKernel:
                 assert type(a) is expected, (self.name, n, type(a))
                 buffers.append(np.array(a, dtype=expected))
         argv = (ctypes.c_void_p * len(buffers))(*[b.ctypes.data for b in buffers])
-        library = compile_library(self._source([isinstance(a, ndarray) for a in list(args[:nin]) + outs]), "ew")
-        getattr(library, self.name)(ctypes.c_longlong(int(np.prod(shape))), argv)
+        is_array = tuple(isinstance(a, ndarray) for a in args)
+        if is_array not in self.libraries:
+            self.libraries[is_array] = compile_library(self._source(is_array), "ew")
+        getattr(self.libraries[is_array], self.name)(ctypes.c_longlong(int(np.prod(shape))), argv)
+        outs = args[nin:]
         return outs[0] if len(outs) == 1 else tuple(outs)

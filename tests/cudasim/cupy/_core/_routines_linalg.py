@@ -1,7 +1,7 @@
 """CuPy's per-dtype compute type of its matmul (recorded only: the simulation's `@` is NumPy's)."""
 import numpy
 
-COMPUTE_TYPE_TBD, COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_PEDANTIC, COMPUTE_TYPE_TF32 = 0, 1, 2, 7
+COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_TF32 = 1, 7  # (CuPy's values; the two cuda_layers uses)
 _types = {}
 
 

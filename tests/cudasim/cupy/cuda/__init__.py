@@ -8,8 +8,6 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import _sim
 
-calls = []  # every GEMM: (transa, transb, m, n, k, computeType), for tests that want to know
-
 _CUDA_DTYPES = {0: np.dtype(np.float32), 14: _sim.BFLOAT16}  # CUDA_R_32F, CUDA_R_16BF
 
 
@@ -39,7 +37,6 @@ def gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, 
     assert computeType in (cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_COMPUTE_32F_FAST_TF32)
     assert Atype == runtime.CUDA_R_32F or computeType == cublas.CUBLAS_COMPUTE_32F, "TF32 is for float32 inputs"
     assert algo == cublas.CUBLAS_GEMM_DEFAULT and cublas.mode == cublas.CUBLAS_POINTER_MODE_HOST
-    calls.append((transa, transb, m, n, k, computeType))
     a_value, b_value = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
     in_type, out_type = _CUDA_DTYPES[Atype], _CUDA_DTYPES[Ctype]
     for p in range(batchCount):
