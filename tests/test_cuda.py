@@ -52,12 +52,18 @@ def steps(device_args, n=3):
         tg.use_device("cpu")
 
 
+@pytest.fixture(scope="module")
+def cpu_steps():
+    # steps(None): the CPU's losses and gradients, which the GPU's are compared with (computed once)
+    return steps(None)
+
+
 @pytest.mark.parametrize("fused", [True, False])
-def test_training_steps_agree_with_the_cpu(fused):
+def test_training_steps_agree_with_the_cpu(cpu_steps, fused):
     # Losses and gradients, not weights: the gradient of the keys' bias is zero in exact arithmetic
     # (a constant added to every key moves no softmax), so AdamW turns its rounding noise into steps
     # of +-lr that differ between any two machines, and that change no loss.
-    cpu_losses, cpu_grads = steps(None)
+    cpu_losses, cpu_grads = cpu_steps
     gpu_losses, gpu_grads = steps(dict(tf32=False, fused=fused))
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=2e-6)
     assert np.linalg.norm(gpu_grads - cpu_grads) <= 2e-6 * np.linalg.norm(cpu_grads)
@@ -197,10 +203,10 @@ def test_bf16_sampling_with_top_k():
 
 
 @bf16_only
-def test_bf16_training_steps_track_the_cpu():
+def test_bf16_training_steps_track_the_cpu(cpu_steps):
     # bfloat16 keeps 8 bits of mantissa: the losses of 3 steps within 0.5% of float32's, the first
     # step's gradients within 5% (norm-wise); measured in a simulation 0.1% and 1.4%
-    cpu_losses, cpu_grads = steps(None)
+    cpu_losses, cpu_grads = cpu_steps
     bf16_losses, bf16_grads = steps(dict(dtype="bf16"))
     np.testing.assert_allclose(bf16_losses, cpu_losses, rtol=5e-3)
     assert np.linalg.norm(bf16_grads - cpu_grads) <= 5e-2 * np.linalg.norm(cpu_grads)
@@ -262,8 +268,9 @@ def test_flash_attention_trains_as_the_blocked_one(dtype):
     # TF32 (fp32) or bf16 roundings in another order: close, not equal
     rtol = 1e-3 if dtype == "fp32" else 1e-2
     np.testing.assert_allclose(flash_losses, blocked_losses, rtol=rtol)
+    blocked = tg.point_parameters(blocked_grads, FLASH_CONFIG)
     for name, grad in tg.point_parameters(flash_grads, FLASH_CONFIG).items():  # tensor by tensor: attention's are small
-        expected = tg.point_parameters(blocked_grads, FLASH_CONFIG)[name]
+        expected = blocked[name]
         assert np.linalg.norm(grad - expected) <= 5 * rtol * np.linalg.norm(expected), name
 
 

@@ -118,8 +118,6 @@ def test_encoder_backward_is_deterministic(rng):
 
 # ----------------------------------------------------------------------------
 # GeLU
-# ----------------------------------------------------------------------------
-# GeLU
 
 
 @pytest.mark.parametrize("B, T, C, NH", SHAPES, ids=SHAPE_IDS)
@@ -197,6 +195,7 @@ def check_attention(rng, B, T, C, NH, rtol):
     out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
     assert_close(out_gpu, out, rtol)
     assert_close(cl.attention_backward(cupy.asarray(dout), cache_gpu), dinp, rtol)
+    return cache_gpu
 
 
 @pytest.mark.parametrize("B, T, C, NH", SHAPES, ids=SHAPE_IDS)
@@ -214,10 +213,15 @@ def test_attention_in_blocks(rng, monkeypatch, block, B, T, C, NH):
     check_attention(rng, B, T, C, NH, RTOL)
 
 
-def test_attention_tf32(rng):
+@pytest.fixture
+def tf32():
+    # TF32 tensor cores for the matrix products (the autouse fixture puts the setting back after)
     cl.set_tf32(True)
     if not cl.tf32_enabled():
         pytest.skip("this GPU has no TF32 tensor cores (compute capability below 8.0)")
+
+
+def test_attention_tf32(rng, tf32):
     check_attention(rng, 2, 130, 96, 3, RTOL_TF32)
 
 
@@ -332,7 +336,11 @@ def test_device_description():
 # Matmul backward (only the bias gradient is computed differently)
 
 
-@pytest.mark.parametrize("B, T, C, OC, bias", [(2, 37, 48, 144, True), (1, 1, 24, 7, True), (3, 65, 45, 180, False)])
+# (B, T, C, OC, bias): with and without the bias, T = 1, sizes of no block's multiple
+MATMUL_CASES = [(2, 37, 48, 144, True), (1, 1, 24, 7, True), (3, 65, 45, 180, False)]
+
+
+@pytest.mark.parametrize("B, T, C, OC, bias", MATMUL_CASES)
 def test_matmul_backward(rng, B, T, C, OC, bias):
     cl.set_tf32(False)
     inp, weight, dout = randn(rng, B, T, C), randn(rng, OC, C), randn(rng, B, T, OC)
@@ -491,7 +499,7 @@ def test_layernorm_bf16(rng, B, T, C):
 
 
 @bf16_only
-@pytest.mark.parametrize("B, T, C, OC, bias", [(2, 37, 48, 144, True), (1, 1, 24, 7, True), (3, 65, 45, 180, False)])
+@pytest.mark.parametrize("B, T, C, OC, bias", MATMUL_CASES)
 def test_matmul_bf16(rng, B, T, C, OC, bias):
     inp, weight, dout = (round_bf16(randn(rng, *shape)) for shape in ((B, T, C), (OC, C), (B, T, OC)))
     b = round_bf16(randn(rng, OC)) if bias else None
@@ -516,13 +524,18 @@ def test_matmul_bf16(rng, B, T, C, OC, bias):
 @bf16_only
 @pytest.mark.parametrize("B, T, C, NH", BF16_SHAPES + [(2, 130, 96, 3)], ids=BF16_IDS + ["B2-T130-C96-NH3"])
 def test_attention_bf16(rng, B, T, C, NH):
+    assert check_attention_bf16(rng, B, T, C, NH)[1].dtype == np.float32  # lse
+
+
+def check_attention_bf16(rng, B, T, C, NH):
+    # check_attention in bfloat16 (against the plain layer in float64 on the same rounded inputs)
     inp, dout = round_bf16(randn(rng, B, T, 3 * C)), round_bf16(randn(rng, B, T, C))
     out, cache = plain("attention_forward")(inp.astype(np.float64), NH)
     dinp = plain("attention_backward")(dout.astype(np.float64), cache)
     out_gpu, cache_gpu = cl.attention_forward(to_gpu_bf16(inp), NH)
     assert_close_bf16(out_gpu, out, RTOL_BF16_CHAIN)
-    assert cache_gpu[1].dtype == np.float32  # lse
     assert_close_bf16(cl.attention_backward(to_gpu_bf16(dout), cache_gpu), dinp, RTOL_BF16_CHAIN)
+    return cache_gpu
 
 
 @bf16_only
@@ -553,28 +566,14 @@ def flash(monkeypatch):
 
 
 @pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
-def test_flash_attention_tf32(rng, flash, B, T, C, NH):
-    cl.set_tf32(True)
-    if not cl.tf32_enabled():
-        pytest.skip("this GPU has no TF32 tensor cores (compute capability below 8.0)")
-    inp, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    out, cache = plain("attention_forward")(inp, NH)
-    out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
-    assert cache_gpu[0] == "flash"  # (not the blocked form)
-    assert_close(out_gpu, out, RTOL_TF32)
-    assert_close(cl.attention_backward(cupy.asarray(dout), cache_gpu), plain("attention_backward")(dout, cache), RTOL_TF32)
+def test_flash_attention_tf32(rng, flash, tf32, B, T, C, NH):
+    assert check_attention(rng, B, T, C, NH, RTOL_TF32)[0] == "flash"  # (not the blocked form)
 
 
 @bf16_only
 @pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
 def test_flash_attention_bf16(rng, flash, B, T, C, NH):
-    inp, dout = round_bf16(randn(rng, B, T, 3 * C)), round_bf16(randn(rng, B, T, C))
-    out, cache = plain("attention_forward")(inp.astype(np.float64), NH)
-    out_gpu, cache_gpu = cl.attention_forward(to_gpu_bf16(inp), NH)
-    assert cache_gpu[0] == "flash"
-    assert_close_bf16(out_gpu, out, RTOL_BF16_CHAIN)
-    dinp = plain("attention_backward")(dout.astype(np.float64), cache)
-    assert_close_bf16(cl.attention_backward(to_gpu_bf16(dout), cache_gpu), dinp, RTOL_BF16_CHAIN)
+    assert check_attention_bf16(rng, B, T, C, NH)[0] == "flash"
 
 
 def test_flash_attention_falls_back_to_the_blocked_form(rng, flash):
@@ -646,12 +645,9 @@ def test_flash_kernels_without_wmmas_header_are_one_error_that_names_the_wheel(m
     assert cl._flash_options == ()
 
 
-def test_flash_attention_reads_a_misaligned_view_through_an_aligned_copy(rng, flash):
+def test_flash_attention_reads_a_misaligned_view_through_an_aligned_copy(rng, flash, tf32):
     # WMMA's loads need 32-byte aligned addresses: q, k, v and dout that start 16 bytes into an array
     # (a view CuPy's ascontiguousarray returns as it is) must give what the same values aligned give
-    cl.set_tf32(True)
-    if not cl.tf32_enabled():
-        pytest.skip("this GPU has no TF32 tensor cores (compute capability below 8.0)")
     B, T, C, NH = 1, 64, 128, 2
     inp, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
     inp_view = cupy.empty(inp.size + 4, dtype=np.float32)[4:].reshape(inp.shape)
