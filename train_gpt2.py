@@ -603,14 +603,18 @@ def to_host(array):
     return array if isinstance(array, np.ndarray) else xp.asnumpy(array)
 
 
-def gpt2_write_checkpoint(model, path):
-    # llm.c's checkpoint format, version 3: readable by llm.c's C code and by this script
-    c = model.config
+def checkpoint_header(c):
+    # the 1024 bytes before the weights of llm.c's checkpoint format, version 3, for config c
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, c.max_seq_len, c.vocab_size,
                   c.num_layers, c.num_heads, c.channels, c.padded_vocab_size]
+    return header.tobytes()
+
+
+def gpt2_write_checkpoint(model, path):
+    # llm.c's checkpoint format, version 3: readable by llm.c's C code and by this script
     with atomic_write(path) as f:
-        f.write(header.tobytes())
+        f.write(checkpoint_header(model.config))
         f.write(to_host(model.params_memory).astype("<f4", copy=False).tobytes())
 
 

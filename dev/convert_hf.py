@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt2 import CHECKPOINT_MAGIC, CHECKPOINT_VERSION, HEADER_INTS, atomic_write, padded_vocab  # noqa: E402
+from train_gpt2 import GPT2Config, atomic_write, checkpoint_header, padded_vocab, parameter_shapes  # noqa: E402
 
 # llm.c's 16 tensors in file order, and the Hugging Face key of each (per layer: {l}), transposed?
 LAYOUT = [
@@ -72,19 +72,16 @@ def convert(hf_dir, out_path):
             raise ConvertError(f"{hf_dir}: {key} has shape {hf[key].shape}, expected {shape[::-1] if transpose else shape}")
         return t.astype("<f4")
 
-    shapes = {"wte": (V, C), "wpe": (maxT, C), "ln1w": (C,), "ln1b": (C,), "qkvw": (3 * C, C), "qkvb": (3 * C,),
-              "attprojw": (C, C), "attprojb": (C,), "ln2w": (C,), "ln2b": (C,), "fcw": (4 * C, C), "fcb": (4 * C,),
-              "fcprojw": (C, 4 * C), "fcprojb": (C,), "lnfw": (C,), "lnfb": (C,)}
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:8] = [CHECKPOINT_MAGIC, CHECKPOINT_VERSION, maxT, V, L, NH, C, Vp]
+    config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp, num_layers=L, num_heads=NH, channels=C)
+    shapes = parameter_shapes(config)
     with atomic_write(out_path) as f:  # complete, or not there at all (a bad tensor stops it midway)
-        f.write(header.tobytes())
+        f.write(checkpoint_header(config))
         for name, key, transpose in LAYOUT:  # written one by one: GPT-2 XL's 6 GB are never in memory twice
-            if "{l}" in key:  # per-layer tensors are stacked: (L, ...)
+            if "{l}" in key:  # per-layer tensors are stacked: (L, ...), one layer's from each key
                 for l in range(L):
-                    f.write(get(key.format(l=l), transpose, shapes[name]).tobytes())
-            elif name == "wte":  # padded with zero rows up to Vp
-                f.write(get(key, False, shapes[name]).tobytes())
+                    f.write(get(key.format(l=l), transpose, shapes[name][1:]).tobytes())
+            elif name == "wte":  # Hugging Face's V rows, padded with zero rows up to Vp
+                f.write(get(key, False, (V, C)).tobytes())
                 f.write(np.zeros((Vp - V, C), "<f4").tobytes())
             else:
                 f.write(get(key, transpose, shapes[name]).tobytes())
