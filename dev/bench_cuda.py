@@ -106,7 +106,8 @@ TORCH_VARIANTS = {
     "bf16-sdpa": ("bf16 autocast, SDPA", True, True, True),
 }
 DEFAULT_VARIANTS = {"fp32": "tf32-sdpa,fp32-manual,tf32-manual", "bf16": "bf16-sdpa"}
-TARGETS = {"tf32-sdpa": "issue 9's target: 0.80 or less", "bf16-sdpa": "issue 10's bar: 1.00 or less"}
+TARGETS = {TORCH_VARIANTS["tf32-sdpa"][0]: "issue 9's target: 0.80 or less",  # by the variant's label
+           TORCH_VARIANTS["bf16-sdpa"][0]: "issue 10's bar: 1.00 or less"}
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY = 1e-4, 0.9, 0.999, 1e-8, 0.0  # the same AdamW for both
 
 
@@ -197,7 +198,7 @@ class Device:
             self.gpu_name = "cpu (simulated)"
             return
         tg.use_device("cuda", tf32=not args.no_tf32, fused=not args.no_fused, dtype=args.dtype,
-                      attention=args.attention or "blocked")  # raises InputError, one line
+                      attention=args.attention)  # raises InputError, one line
         import cupy
         self.cupy = cupy
         self.sync = cupy.cuda.Device().synchronize
@@ -505,10 +506,16 @@ def gb(n):
     return "n/a" if n is None else f"{n / 1e9:.2f} GB"
 
 
+def mfu_text(flops, seconds, peak):
+    # the model FLOPs utilization of a step of `flops` in `seconds`, against `peak` TFLOP/s (None: n/a)
+    return f"{100 * flops / seconds / (peak * 1e12):5.1f}%" if peak else "n/a"
+
+
 def main(args, LayerTimer):
     if args.simulate_cpu and not hasattr(tg, "use_device"):
         sys.exit("error: train_gpt2.py has no use_device yet")
-    args.dtype = args.dtype or "fp32"  # (None on the command line: bench.py refuses GPU options for the CPU)
+    # (None on the command line: bench.py refuses GPU options for the CPU)
+    args.dtype, args.attention = args.dtype or "fp32", args.attention or "blocked"
     try:
         device = Device(args)
     except tg.InputError as e:
@@ -586,7 +593,7 @@ def main(args, LayerTimer):
     print(f"\n  {'system':<42} {'ms/step':>8} {'(min-max)':>15} {'tokens/s':>9} {'MFU':>6} {'peak mem':>9}  "
           f"{'loss: first':>11} {'last':>9}")
     for name, median in medians.items():
-        mfu = f"{100 * flops / median / (peak * 1e12):5.1f}%" if peak else "n/a"
+        mfu = mfu_text(flops, median, peak)
         spread = f"({min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f})"
         print(f"  {name:<42} {median * 1e3:8.1f} {spread:>15} {B * T / median:9.0f} {mfu:>6} {gb(peaks.get(name)):>9}  "
               f"{losses[name][0]:11.6f} {losses[name][-1]:9.6f}")
@@ -594,9 +601,8 @@ def main(args, LayerTimer):
         print("  time of ours / that of pytorch (below 1: ours is faster):")
         for name, median in medians.items():
             if name != ours:
-                target = next((t for v, t in TARGETS.items() if name.endswith(TORCH_VARIANTS[v][0])), None)
-                print(f"    {name.removeprefix('pytorch eager, '):<40} {medians[ours] / median:5.2f}"
-                      + (f"  ({target})" if target else ""))
+                label = name.removeprefix("pytorch eager, ")
+                print(f"    {label:<40} {medians[ours] / median:5.2f}" + (f"  ({TARGETS[label]})" if label in TARGETS else ""))
     print("  memory the pools hold at the end: " + ", ".join(f"{k.split(' (')[0]} {gb(v)}" for k, v in held.items()))
 
     seconds = sampling(device, model, num_tokens)
@@ -633,7 +639,7 @@ def find_max_batch(args, device):
             model.acts = None
             if not device.simulated:
                 device.cupy.get_default_memory_pool().free_all_blocks()
-        mfu = f"{100 * flops_per_step(model.config, B, T) / seconds / (peak * 1e12):5.1f}%" if peak else "n/a"
+        mfu = mfu_text(flops_per_step(model.config, B, T), seconds, peak)
         print(f"  {B:>4} {seconds * 1e3:9.1f} {B * T / seconds:9.0f} {mfu:>6} {gb(peak_memory):>9}", flush=True)
         B += 8
         if device.simulated and B > 16:  # (the CPU would take long to fill its memory)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs an NVIDIA GPU, in three stages that each fit in a few minutes of an H100:
+# Everything that needs an NVIDIA GPU, in five stages that each fit in a few minutes of an H100:
 #
 #   bash dev/gpu_check.sh tests  OUT   # the GPU tests, test_gpt2.py at fp32 / TF32 / bf16 on the fixture
 #                                      # and on a GPT-2 124M-shaped reference (dev/make_reference.py)
@@ -15,8 +15,9 @@
 # as prepro_tinyshakespeare.py writes them. Needs CuPy (and ml_dtypes for bf16); PyTorch for the
 # references and the benchmark's yardsticks; matplotlib for the plot (skipped without it).
 set -uo pipefail
-stage=${1:?usage: dev/gpu_check.sh tests|bench|memory|curves|profile OUT}
-out=${2:?usage: dev/gpu_check.sh tests|bench|memory|curves|profile OUT}
+usage="usage: dev/gpu_check.sh tests|bench|memory|curves|profile OUT"
+stage=${1:?$usage}
+out=${2:?$usage}
 data=${DATA:-data}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
