@@ -78,6 +78,15 @@ class _Pointer:
         self.ptr = ptr
 
 
+def refusing_bfloat16(method):
+    """NumPy's sorting `method`, refusing bfloat16 arrays as CuPy 14.2 does."""
+    def sorting(a, *args, **kwargs):
+        if a.dtype == BFLOAT16:
+            raise NotImplementedError(f"cupy.{method.__name__} of bfloat16: Thrust has no bfloat16 (CuPy 14.2)")
+        return method(a, *args, **kwargs)
+    return sorting
+
+
 class ndarray(np.ndarray):
     @property
     def data(self):
@@ -102,26 +111,10 @@ class ndarray(np.ndarray):
 
     # CuPy 14.2 sorts through Thrust, which has no bfloat16 (cupy/cuda/thrust.pyx): so no sort or
     # partition (a full sort for GPT-2's vocabulary) of a bfloat16 array
-    def sort(self, *args, **kwargs):
-        refuse_bfloat16_sort("sort", self)
-        return np.ndarray.sort(self, *args, **kwargs)
-
-    def argsort(self, *args, **kwargs):
-        refuse_bfloat16_sort("argsort", self)
-        return np.ndarray.argsort(self, *args, **kwargs)
-
-    def partition(self, *args, **kwargs):
-        refuse_bfloat16_sort("partition", self)
-        return np.ndarray.partition(self, *args, **kwargs)
-
-    def argpartition(self, *args, **kwargs):
-        refuse_bfloat16_sort("argpartition", self)
-        return np.ndarray.argpartition(self, *args, **kwargs)
-
-
-def refuse_bfloat16_sort(name, a):
-    if getattr(a, "dtype", None) == BFLOAT16:
-        raise NotImplementedError(f"cupy.{name} of bfloat16: Thrust has no bfloat16 (CuPy 14.2)")
+    sort = refusing_bfloat16(np.ndarray.sort)
+    argsort = refusing_bfloat16(np.ndarray.argsort)
+    partition = refusing_bfloat16(np.ndarray.partition)
+    argpartition = refusing_bfloat16(np.ndarray.argpartition)
 
 
 # ----------------------------------------------------------------------------
