@@ -1049,14 +1049,15 @@ def describe_device():
     if xp is np:
         return f"cpu: NumPy {np.__version__}, {usable_cpus()} cores"
     import cuda_layers
-    fused = "fused kernels" if attention_forward is not PLAIN_LAYERS["attention_forward"] else "plain layers"
-    if fused == "fused kernels" and cuda_layers.ATTENTION_KERNEL == "flash":
-        fused += " (flash attention where it applies)"
+    fused = attention_forward is not PLAIN_LAYERS["attention_forward"]
+    layers = "fused kernels" if fused else "plain layers"
+    if fused and cuda_layers.ATTENTION_KERNEL == "flash":
+        layers += " (flash attention where it applies)"
     if floatX != np.float32:
         precision = "bf16 activations and matmuls, fp32 parameters and gradients"
     else:
         precision = "fp32, TF32 matmuls" if cuda_layers.tf32_enabled() else "fp32, fp32 matmuls"
-    return f"cuda: {cuda_layers.device_description()}; {fused}; {precision}"
+    return f"cuda: {cuda_layers.device_description()}; {layers}; {precision}"
 
 
 def available_memory():

@@ -254,6 +254,7 @@ def flash_steps(dtype, attention, n=3):
     # train_steps of a small random GPT-2 with head size 64, at T = 64, on the GPU
     tg.use_device("cuda", dtype=dtype, attention=attention)
     try:
+        assert ("flash attention" in tg.describe_device()) == (attention == "flash")
         rng = np.random.default_rng(0)
         params = (rng.standard_normal(tg.num_parameters(FLASH_CONFIG)) * 0.1).astype(np.float32)
         return train_steps(tg.GPT2(FLASH_CONFIG, params), rng.integers(0, 97, (2, 65)).astype(np.int32), n)
