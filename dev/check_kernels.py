@@ -159,14 +159,15 @@ def blocks_per_sm(arch, threads, regs, smem):
 def compiler_options(include):
     # what CuPy passes NVRTC for a RawKernel: with CuPy installed (a GPU or not), its own list (C++17,
     # its bundled CCCL and its headers, then the CUDA headers it finds); else, or with --include, the
-    # two that matter to our kernels, C++17 and the CUDA headers
+    # two that matter to our kernels, C++17 and the CUDA headers. Either way -ftz=true, which CuPy's
+    # compile_with_cache always adds (denormals flushed to zero: fewer instructions)
     if include is None:
         try:
             from cupy._core.core import assemble_cupy_compiler_options
-            return "CuPy's", list(assemble_cupy_compiler_options(()))
+            return "CuPy's", list(assemble_cupy_compiler_options(())) + ["-ftz=true"]
         except (ImportError, AttributeError, RuntimeError):  # no CuPy, the simulation, or no CUDA headers
             include = find_include()
-    return "our", ["--std=c++17", f"-I{include}"]
+    return "our", ["--std=c++17", f"-I{include}", "-ftz=true"]
 
 
 def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=None, include=None):
