@@ -14,6 +14,9 @@ if os.environ.get("CUDASIM") == "1":
     _sim = os.path.join(ROOT, "tests", "cudasim")
     sys.path.insert(0, _sim)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_sim, os.environ.get("PYTHONPATH")) if p)
+    # asked for by name, so a simulation that cannot load (no ml_dtypes, say) stops the run here, where
+    # the GPU tests would otherwise all skip and the run pass
+    import cupy  # noqa: E402,F401
 
 # tiktoken can't download its GPT-2 files without internet; the workplace keeps a copy beside the repo
 _cache = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken_cache")
