@@ -3,6 +3,7 @@ CPU and against PyTorch: test_gpt2.py's checks, training steps that agree across
 that move between them. Skipped where CuPy or a GPU is missing (CI has neither): run on a GPU
 machine. The fused kernels alone are checked against the plain layers in test_cuda_layers.py."""
 
+import contextlib
 import os
 import re
 
@@ -22,9 +23,18 @@ pytestmark = pytest.mark.skipif(not GPU, reason=f"needs CuPy and an NVIDIA GPU (
 def cuda(request):
     # the GPU with TF32 off, so that it computes what the CPU computes up to float32 reassociation;
     # with the fused kernels, and with the plain layers as written (CuPy under the same lines)
-    tg.use_device("cuda", tf32=False, fused=request.param == "fused")
-    yield request.param
-    tg.use_device("cpu")
+    with on_gpu(tf32=False, fused=request.param == "fused"):
+        yield request.param
+
+
+@contextlib.contextmanager
+def on_gpu(**device_args):
+    # tg.use_device("cuda", **device_args) for the block, then the CPU again whatever happens
+    tg.use_device("cuda", **device_args)
+    try:
+        yield
+    finally:
+        tg.use_device("cpu")
 
 
 def train_steps(model, tokens, n=3):
@@ -41,15 +51,11 @@ def train_steps(model, tokens, n=3):
 
 def steps(device_args, n=3):
     # train_steps of the fixture's model, on the CPU (device_args None) or on the GPU
-    if device_args is not None:
-        tg.use_device("cuda", **device_args)
-    try:
+    with contextlib.nullcontext() if device_args is None else on_gpu(**device_args):
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, 777, (4, 33)).astype(np.int32)
         tokens[1, :8] = tokens[0, :8]  # repeated tokens: their embedding gradients must add up
         return train_steps(tg.gpt2_build_from_checkpoint(MODEL), tokens, n)
-    finally:
-        tg.use_device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +149,8 @@ def test_resume_across_devices(tmp_path, data, first, second):
 def test_checkpoint_bytes_are_the_same_from_either_device(tmp_path):
     model = tg.gpt2_build_from_checkpoint(MODEL)
     tg.gpt2_write_checkpoint(model, str(tmp_path / "cpu.bin"))
-    tg.use_device("cuda")
-    try:
+    with on_gpu():
         tg.gpt2_write_checkpoint(tg.gpt2_build_from_checkpoint(MODEL), str(tmp_path / "gpu.bin"))
-    finally:
-        tg.use_device("cpu")
     assert (tmp_path / "cpu.bin").read_bytes() == (tmp_path / "gpu.bin").read_bytes() == open(MODEL, "rb").read()
 
 
@@ -162,8 +165,7 @@ BF16_PARAM = pytest.param("bf16", marks=bf16_only)  # a "bf16" case of a test ov
 @bf16_only
 def test_bf16_arrays_and_what_stays_float32():
     import ml_dtypes
-    tg.use_device("cuda", dtype="bf16")
-    try:
+    with on_gpu(dtype="bf16"):
         model = tg.gpt2_build_from_checkpoint(MODEL)
         tokens = np.arange(2 * 17, dtype=np.int32).reshape(2, 17) % 777
         tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:])
@@ -181,8 +183,6 @@ def test_bf16_arrays_and_what_stays_float32():
         expected = tg.to_host(model.params_memory).astype(ml_dtypes.bfloat16)
         assert (tg.to_host(model.weights_memory).view(np.uint16) == expected.view(np.uint16)).all()
         assert "bf16" in tg.describe_device()
-    finally:
-        tg.use_device("cpu")
 
 
 @bf16_only
@@ -190,16 +190,13 @@ def test_bf16_sampling_with_top_k():
     # gpt2_sample runs the bf16 forward, so its logits are bfloat16; top-k would partition them as
     # they are, which CuPy 14.2 cannot do (the simulation refuses it too): the sampler works on
     # float32. Greedy (top-k 1) picks what the float32 logits' argmax is.
-    tg.use_device("cuda", dtype="bf16")
-    try:
+    with on_gpu(dtype="bf16"):
         model = tg.gpt2_build_from_checkpoint(MODEL)
         sampled = list(tg.gpt2_sample(model, [776, 5, 300], 4, [1337], 1.0, 50))
         assert all(0 <= token < 777 for token in sampled)
         greedy = list(tg.gpt2_sample(model, [776, 5, 300], 1, [1337], 1.0, 1))
         logits = tg.to_host(model.acts["logits"][0, -1, :777]).astype(np.float32)
         assert greedy == [int(np.argmax(logits))]
-    finally:
-        tg.use_device("cpu")
 
 
 @bf16_only
@@ -232,8 +229,8 @@ def test_a_gpu_run_resumes_exactly_and_its_checkpoints_load_on_the_cpu(tmp_path,
     assert "after 4 steps" in resumed
     # every kernel of a step is deterministic (the encoder's backward adds in a fixed order, not with
     # atomics), so the resumed run is the uninterrupted one, bit for bit: its losses and its weights
-    printed = re.findall(r"(?:val loss|train loss) [\d.]+", resumed)
-    assert printed and printed == re.findall(r"(?:val loss|train loss) [\d.]+", full)[-len(printed):]
+    printed = losses(resumed)
+    assert printed and printed == losses(full)[-len(printed):]
     assert (tmp_path / "full.bin").read_bytes() == open(os.path.join(run_dir, "model_8.bin"), "rb").read()
     # the checkpoints hold the float32 master weights: the CPU reads them, and continues the run
     model = tg.gpt2_build_from_checkpoint(os.path.join(run_dir, "model_8.bin"))
@@ -252,14 +249,11 @@ FLASH_CONFIG = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=12
 
 def flash_steps(dtype, attention, n=3):
     # train_steps of a small random GPT-2 with head size 64, at T = 64, on the GPU
-    tg.use_device("cuda", dtype=dtype, attention=attention)
-    try:
+    with on_gpu(dtype=dtype, attention=attention):
         assert ("flash attention" in tg.describe_device()) == (attention == "flash")
         rng = np.random.default_rng(0)
         params = (rng.standard_normal(tg.num_parameters(FLASH_CONFIG)) * 0.1).astype(np.float32)
         return train_steps(tg.GPT2(FLASH_CONFIG, params), rng.integers(0, 97, (2, 65)).astype(np.int32), n)
-    finally:
-        tg.use_device("cpu")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", BF16_PARAM])
