@@ -11,15 +11,14 @@
 #   bash dev/gpu_check.sh profile OUT  # Nsight Compute on the flash attention kernels of one d12 step
 #                                      # (B=8, T=1024) in bf16 and TF32: time, throughput, occupancy
 #
-# OUT is a folder for the logs (created). The token files are looked for in $DATA (default data/),
+# OUT is a folder for the logs (created). The token files are looked for in $DATA (default data/; relative to the repository),
 # as prepro_tinyshakespeare.py writes them. Needs CuPy (and ml_dtypes for bf16); PyTorch for the
 # references and the benchmark's yardsticks; matplotlib for the plot (skipped without it).
 set -uo pipefail
 usage="usage: dev/gpu_check.sh tests|bench|memory|curves|profile OUT"
 stage=${1:?$usage}
-out=${2:?$usage}
+out=$(mkdir -p "${2:?$usage}" && cd "$2" && pwd)  # (absolute: the stages run from the repository's root)
 data=${DATA:-data}
-mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1
