@@ -42,7 +42,8 @@ SLICE = 1 << 22  # floats (16 MB) per MPI call: MPI's own buffers stay that size
 LAUNCHERS = [
     ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
     ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),  # MPICH's and Intel MPI's mpiexec (Hydra)
-    (None, "PMIX_RANK", None, None),  # other PMIx launchers (Slurm's srun --mpi=pmix): only the rank
+    # PMIx launchers give only the rank; Slurm's srun --mpi=pmix also says how many, and which on its machine
+    ("SLURM_STEP_NUM_TASKS", "PMIX_RANK", None, "SLURM_LOCALID"),
 ]
 
 
@@ -72,7 +73,7 @@ def init(device="cpu"):
     try:
         from mpi4py import MPI
     except ImportError:
-        if size is None and not rank:  # a launcher that does not say how many (PMIx alone, as Slurm's srun):
+        if size is None and not rank:  # a launcher that does not say how many (PMIx alone, outside Slurm):
             PROCESSES = SingleProcess()  # rank 0 may be the only one
             return PROCESSES
         # every process finds this out on its own: rank 0 alone says it, or, where the launcher did not say

@@ -33,7 +33,7 @@ except ImportError:
 HYDRA = MPIEXEC is not None and "HYDRA" in subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec (pip install mpi4py mpich)")
 TIMEOUT = 120  # seconds for any one job: a hang fails the test instead of the CI run
-LAUNCHER_VARS = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_", "MPI_LOCAL")
+LAUNCHER_VARS = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_", "MPI_LOCAL", "SLURM_")
 
 
 def clean_env(**extra):
@@ -301,7 +301,7 @@ def test_one_process_imports_no_mpi():
 
 
 def test_a_launcher_that_does_not_say_how_many_without_mpi4py_is_one_process(tmp_path):
-    # PMIx alone (Slurm's srun --mpi=pmix) gives only the rank: without mpi4py, train as one process
+    # PMIx alone (outside Slurm) gives only the rank: without mpi4py, rank 0 trains as one process
     (tmp_path / "mpi4py").mkdir()
     (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed')\n")
     code = "import distributed; print(type(distributed.init()).__name__)"
@@ -313,6 +313,11 @@ def test_a_launcher_that_does_not_say_how_many_without_mpi4py_is_one_process(tmp
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.stdout == "", result.stdout
     assert_one_error_line(result, "mpiexec started several processes (this one is rank 3), but mpi4py")
+    # Slurm's srun says how many: rank 0 of 4 says so too, instead of training alone
+    env = clean_env(PMIX_RANK="0", SLURM_STEP_NUM_TASKS="4", SLURM_LOCALID="0", PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.stdout == "", result.stdout
+    assert_one_error_line(result, "mpiexec started 4 processes, but mpi4py")
 
 
 def test_launcher_environment(monkeypatch):
@@ -332,6 +337,13 @@ def test_launcher_environment(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
     assert distributed.launched() == (8, 5, 4, 1)
+    for name in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PMIX_RANK", "2")
+    assert distributed.launched() == (None, 2, None, None)  # PMIx alone
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert distributed.launched() == (4, 2, None, 0)  # srun --mpi=pmix
 
 
 try:
