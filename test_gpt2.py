@@ -137,8 +137,8 @@ def parse_args(argv=None):
     parser.add_argument("--loss-tol", type=float,
                         help="max abs difference of the loss and of each step's loss (llm.c: 1e-2; bf16: 0.05)")
     parser.add_argument("--grad-tol", type=float,
-                        help="max abs difference of gradients (llm.c: 2e-2; bf16: llm.c's threshold per tensor, "
-                             "plus 0.079 times the reference value)")
+                        help="max abs difference of gradients (llm.c: 2e-2; bf16: llm.c's threshold per tensor); "
+                             "with --dtype bf16, given or not, plus 0.079 times the reference value (llm.c's epsilon)")
     parser.add_argument("--rel-tol", type=float,
                         help="max norm-wise relative error ||ours - PyTorch|| / ||PyTorch|| of the logits and of each "
                              "gradient tensor (not in llm.c; default 1e-2: fp32 on a CPU agrees to ~1e-6, TF32 to "

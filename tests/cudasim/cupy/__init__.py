@@ -12,8 +12,9 @@ this package instead of CuPy. What it does, as numba's CUDA simulator does for n
   (static __shared__ arrays keep what the block before left), and pointer arguments must be
   contiguous arrays of the kernel's types;
 - ElementwiseKernel compiles its one-line operation into a loop;
-- cuBLAS's gemmStridedBatchedEx is done in NumPy (float64 sums, rounded once to the output type;
-  TF32 rounds the inputs to 10 mantissa bits first), with bounds checks on every matrix it reads;
+- cuBLAS's gemmStridedBatchedEx is done in NumPy (float64 sums rounded to float32, as cuBLAS's
+  float32 sums, then to the output type; TF32 rounds the inputs to 10 mantissa bits first), with
+  bounds checks on every matrix it reads;
 - everything else is NumPy's, called through this module, except what CuPy 14.2 cannot do with
   bfloat16 arrays, which fails here too: sorting and partitioning them, batched (3-D) matmul.
 It checks the kernels' logic and their arithmetic, not CuPy itself, NVRTC or speed: the tests on a
