@@ -241,16 +241,16 @@ def _raw_kernel(source, name, dtype_name, options):
 # run continues exactly as the uninterrupted one would have.
 
 _ENCODER_SRC = r"""
-// dwte[tokens[r]] += sum of dout[order[j]] for j = starts[r] .. starts[r + 1] - 1: block (r, ...) takes
-// run r of the sorted positions (all those of one token), a thread per channel, adding in order
+// dwte[tokens[r]] += the sum of dout[order[j]] over the run of j = r, r + 1, ... with tokens[j] == tokens[r]:
+// tokens are the sorted positions' tokens, so each token's positions are one run, and block (r, ...)
+// adds up the run that starts at r (the blocks of other r return at once), a thread per channel, in order
 extern "C" __global__ void encoder_backward_wte_kernel(
-        float* dwte, const floatX* dout, const long long* order, const long long* starts, const int* tokens,
-        int runs, int C) {
+        float* dwte, const floatX* dout, const long long* order, const long long* tokens, int n, int C) {
     int r = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (r >= runs || c >= C) return;
+    if (c >= C || (r > 0 && tokens[r] == tokens[r - 1])) return;  // not the first position of its token
     float sum = 0.0f;
-    for (long long j = starts[r]; j < starts[r + 1]; j++) sum += (float)dout[order[j] * C + c];
-    dwte[(long long)tokens[r] * C + c] += sum;
+    for (int j = r; j < n && tokens[j] == tokens[r]; j++) sum += (float)dout[order[j] * C + c];
+    dwte[tokens[r] * C + c] += sum;
 }
 
 // dwpe[t, c] = sum over b of dout[b, t, c], b in order; one thread per (t, c)
@@ -273,19 +273,12 @@ def encoder_backward(dout, cache, dwte, dwpe):
     dout = cupy.ascontiguousarray(dout)
     assert dwte.flags.c_contiguous and dwpe.flags.c_contiguous and dwte.dtype == dwpe.dtype == np.float32
     # the positions sorted by (token, position): a unique key each, so every sort gives this one order
-    # (flatnonzero waits for the GPU, to learn how many runs there are: at the end of the backward
-    # pass, where it costs next to nothing)
     flat = cupy.asarray(inp).ravel().astype(cupy.int64)
     order = cupy.argsort(flat * (B * T) + cupy.arange(B * T, dtype=cupy.int64))
-    tokens = flat[order]
-    starts = cupy.concatenate([cupy.zeros(1, dtype=cupy.int64),
-                               cupy.flatnonzero(tokens[1:] != tokens[:-1]).astype(cupy.int64) + 1,
-                               cupy.full(1, B * T, dtype=cupy.int64)])  # where each token's run begins, and the end
-    runs = starts.size - 1
-    run_tokens = cupy.ascontiguousarray(tokens[starts[:-1]].astype(cupy.int32))
+    tokens = flat[order]  # (each token's positions now one run)
     _kernel(_ENCODER_SRC, "encoder_backward_wte_kernel", dout.dtype)(
-        (runs, _ceil_div(C, ENCODER_THREADS)), (ENCODER_THREADS,),
-        (dwte, dout, cupy.ascontiguousarray(order), starts, run_tokens, np.int32(runs), np.int32(C)))
+        (B * T, _ceil_div(C, ENCODER_THREADS)), (ENCODER_THREADS,),
+        (dwte, dout, order, tokens, np.int32(B * T), np.int32(C)))
     _kernel(_ENCODER_SRC, "encoder_backward_wpe_kernel", dout.dtype)(
         (_ceil_div(T * C, ENCODER_THREADS),), (ENCODER_THREADS,), (dwpe, dout, np.int32(B), np.int32(T), np.int32(C)))
     dwpe[T:] = 0.0  # positions beyond T were not used
