@@ -331,14 +331,18 @@ def matmul_forward(inp, weight, bias):
 # ----------------------------------------------------------------------------
 # Matmul backward
 # plain layer: dinp = dout @ weight; dweight = dout^T @ inp; dbias = dout.sum(axis=(0, 1)). All three
-# are cuBLAS products (TF32 as chosen), dinp through CuPy's `@`. dweight is written by a GEMM of our
-# own, straight into the float32 gradient buffer whatever the activations' dtype (with bf16 inputs,
-# CuPy's matmul would round it to bf16 first). The bias gradient as a product: CuPy sums a (B*T, OC)
-# array over its first axis by walking down its columns, which reads memory with a large stride; as
-# the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row by row instead, several times
-# faster. It is computed in full fp32 (no TF32): a sum should not round its terms to 10 bits.
+# are cuBLAS products, dinp through CuPy's `@`, dinp and dweight with TF32 as chosen. dweight is
+# written by a GEMM of our own, straight into the float32 gradient buffer whatever the activations'
+# dtype (with bf16 inputs, CuPy's matmul would round it to bf16 first). The bias gradient as a
+# product: CuPy sums a (B*T, OC) array over its first axis by walking down its columns, which reads
+# memory with a large stride; as the product ones (1, B*T) @ dout (B*T, OC), cuBLAS reads dout row
+# by row instead, several times faster. It is computed in full fp32 (no TF32): a sum should not
+# round its terms to 10 bits.
 
-_ones = {}  # a vector of ones for each length and dtype asked for, made once
+@functools.cache
+def _ones(n, dtype):
+    # a (1,1,n) vector of ones, made once for each length and dtype asked for
+    return cupy.ones((1, 1, n), dtype=dtype)
 
 
 def _into_gradients(gradients, write):
@@ -364,11 +368,8 @@ def matmul_backward(dout, cache, dweight, dbias):
         dout2d.reshape(1, B * T, OC), cupy.ascontiguousarray(inp).reshape(1, B * T, C), target.reshape(1, OC, C),
         transpose_a=True))
     if dbias is not None:
-        key = (B * T, dout.dtype)
-        if key not in _ones:
-            _ones[key] = cupy.ones((1, 1, B * T), dtype=dout.dtype)
         _into_gradients([dbias], lambda target: _batched_matmul(
-            _ones[key], dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False))
+            _ones(B * T, dout.dtype), dout2d.reshape(1, B * T, OC), target.reshape(1, 1, OC), tf32=False))
     return dinp.reshape(B, T, C)
 
 
@@ -639,6 +640,17 @@ def _attention_kernel(name, dtype, rows):
     return lambda *args: kernel((_ceil_div(rows, ATTENTION_WARPS),), (ATTENTION_WARPS * WARP_SIZE,), args)
 
 
+def _scores(q, k, dtype):
+    # preatt = q @ k^T (unscaled), float32 (BNH,T,T), rows s..e against keys 0..e of each row block;
+    # and att, the softmax's (BNH,T,T) output: preatt's own memory in float32, else an array of dtype
+    BNH, T, _ = q.shape
+    preatt = cupy.empty((BNH, T, T), dtype=cupy.float32)
+    for s, e in _row_blocks(T):
+        _batched_matmul(q[:, s:e], k[:, :e], preatt[:, s:e, :e], transpose_b=True)
+    att = preatt if dtype == np.float32 else cupy.empty((BNH, T, T), dtype=dtype)
+    return preatt, att
+
+
 def attention_forward(inp, NH):
     # replaces train_gpt2.attention_forward: inp (B,T,3C) holds q, k, v side by side; returns the
     # causal self-attention out (B,T,C) and a cache with q, k, v and lse (but no (B,NH,T,T) array)
@@ -651,10 +663,7 @@ def attention_forward(inp, NH):
     # q, k, v = inp.reshape(B,T,3,NH,hs).transpose(2,0,3,1,4): one copy makes them contiguous, 3 x (B*NH,T,hs)
     qkv = cupy.ascontiguousarray(inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)).reshape(3, B * NH, T, hs)
     q, k, v = qkv
-    preatt = cupy.empty((B * NH, T, T), dtype=cupy.float32)
-    for s, e in _row_blocks(T):  # preatt = q @ k^T (unscaled), rows s..e against keys 0..e
-        _batched_matmul(q[:, s:e], k[:, :e], preatt[:, s:e, :e], transpose_b=True)
-    att = preatt if inp.dtype == np.float32 else cupy.empty((B * NH, T, T), dtype=inp.dtype)
+    preatt, att = _scores(q, k, inp.dtype)
     lse = cupy.empty((B, NH, T), dtype=cupy.float32)
     rows = B * NH * T
     _attention_kernel("attention_softmax_kernel", inp.dtype, rows)(
@@ -682,10 +691,7 @@ def attention_backward(dout, cache):
     blocks = _row_blocks(T)
     rows = BNH * T
     # rebuild att: preatt = q @ k^T again, then att = exp(scale * preatt - lse) where t2 <= t
-    preatt = cupy.empty((BNH, T, T), dtype=cupy.float32)
-    for s, e in blocks:
-        _batched_matmul(q[:, s:e], k[:, :e], preatt[:, s:e, :e], transpose_b=True)
-    att = preatt if qkv.dtype == np.float32 else cupy.empty((BNH, T, T), dtype=qkv.dtype)
+    preatt, att = _scores(q, k, qkv.dtype)
     _attention_kernel("attention_recompute_kernel", qkv.dtype, rows)(
         att, preatt, lse, np.int32(rows), np.int32(T), np.float32(scale), np.int32(ATTENTION_BLOCK))
     dqkv = cupy.empty((3, BNH, T, hs), dtype=qkv.dtype)  # dq, dk, dv side by side, as inp holds q, k, v
@@ -1186,7 +1192,6 @@ extern "C" __global__ void attention_cached_kernel(
     }
 }
 """
-_attention_cached_kernel = cupy.RawKernel(_ATTENTION_CACHED_SRC, "attention_cached_kernel")
 
 
 def attention_forward_cached(qkv, kv_cache, pos, NH):
@@ -1198,9 +1203,9 @@ def attention_forward_cached(qkv, kv_cache, pos, NH):
     assert kv_cache.flags.c_contiguous and kv_cache.dtype == cupy.float32 and 0 <= pos < maxlen
     qkv = cupy.ascontiguousarray(qkv)
     out = cupy.empty((1, 1, C), dtype=cupy.float32)
-    _attention_cached_kernel((NH,), (128,), (out, kv_cache, qkv, np.int32(NH), np.int32(hs), np.int32(maxlen),
-                                            np.int32(pos), np.float32(1.0 / math.sqrt(hs))),
-                             shared_mem=(pos + 1) * 4)
+    _kernel(_ATTENTION_CACHED_SRC, "attention_cached_kernel", np.float32)(
+        (NH,), (128,), (out, kv_cache, qkv, np.int32(NH), np.int32(hs), np.int32(maxlen), np.int32(pos),
+                        np.float32(1.0 / math.sqrt(hs))), shared_mem=(pos + 1) * 4)
     return out
 
 
