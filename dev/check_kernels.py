@@ -167,6 +167,8 @@ def compiler_options(include):
             return "CuPy's", list(assemble_cupy_compiler_options(())) + ["-ftz=true"]
         except (ImportError, AttributeError, RuntimeError):  # no CuPy, the simulation, or no CUDA headers
             include = find_include()
+            if include is None:
+                raise RuntimeError("no CUDA headers found (cuda_bf16.h): pip install nvidia-cuda-runtime") from None
     return "our", ["--std=c++17", f"-I{include}", "-ftz=true"]
 
 
@@ -178,9 +180,10 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=
     # a warning, a kernel ptxas did not report)
     cuda_layers = import_cuda_layers()
     if nvrtc is None:
-        if find_nvrtc() is None:
+        path = find_nvrtc()
+        if path is None:
             raise RuntimeError("no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc")
-        nvrtc = NVRTC(find_nvrtc())
+        nvrtc = NVRTC(path)
     whose, base_options = compiler_options(include)
     sources = {name: source for name, source in kernel_sources(cuda_layers).items()
                if not only or only.lower() in name.lower()}
