@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import distributed  # beside this file: several processes under mpiexec (it imports MPI only then)
+from llmc import distributed  # several processes under mpiexec (it imports MPI only then)
 
 # The array module the layers compute with: NumPy, or CuPy on an NVIDIA GPU. It is chosen once, by
 # use_device (in the section "running on a GPU" near the end), before any array is made; every layer
@@ -1026,7 +1026,7 @@ def use_device(device, tf32=True, fused=True, dtype="fp32", attention="blocked")
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--device cuda: CuPy {cupy.__version__} cannot use a GPU here ({reason}); "
                          f"check the GPU with nvidia-smi, and that CuPy matches its driver: {CUPY_INSTALL}") from None
-    import cuda_layers  # beside this file
+    from llmc import cuda_layers
     try:
         floatX = cuda_layers.bfloat16() if dtype == "bf16" else np.float32
     except RuntimeError as e:  # this GPU, or this CuPy, cannot compute in bfloat16: why, in one line
@@ -1048,7 +1048,7 @@ def describe_device():
     # one line: what computes, with which versions
     if xp is np:
         return f"cpu: NumPy {np.__version__}, {usable_cpus()} cores"
-    import cuda_layers
+    from llmc import cuda_layers
     fused = attention_forward is not PLAIN_LAYERS["attention_forward"]
     layers = "fused kernels" if fused else "plain layers"
     if fused and cuda_layers.ATTENTION_KERNEL == "flash":
@@ -1085,7 +1085,7 @@ def training_memory(config, B, T):
     if attention_forward is PLAIN_LAYERS["attention_forward"]:
         kept_attention = L
     else:
-        import cuda_layers
+        from llmc import cuda_layers
         kept_attention = 0 if cuda_layers.ATTENTION_KERNEL == "flash" else 2  # (flash keeps its tiles on chip)
     weights = 4 * 4 * N + (x * N if floatX != np.float32 else 0)
     activations = x * L * 17 * B * T * C + 4 * kept_attention * B * NH * T * T

@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import distributed  # noqa: E402
+from llmc import distributed  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train_gpt2.py")

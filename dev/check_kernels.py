@@ -54,7 +54,7 @@ def import_cuda_layers():
         import cupy  # noqa: F401
     except ImportError:
         sys.path.insert(0, os.path.join(ROOT, "tests", "cudasim"))
-    import cuda_layers
+    from llmc import cuda_layers
     return cuda_layers
 
 

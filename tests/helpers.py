@@ -48,7 +48,7 @@ def usable_bf16():
     if not gpu:
         return False, why
     try:
-        import cuda_layers
+        from llmc import cuda_layers
         cuda_layers.bfloat16()
         return True, ""
     except (ImportError, RuntimeError) as e:

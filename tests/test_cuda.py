@@ -271,7 +271,7 @@ def test_flash_attention_trains_as_the_blocked_one(dtype):
 
 def test_flash_attention_that_does_not_compile_is_one_error_line(monkeypatch):
     # (say, CUDA headers without WMMA's mma.h): use_device says so, before any work
-    import cuda_layers
+    from llmc import cuda_layers
 
     def fail(dtype):
         raise RuntimeError("the flash attention kernels do not compile here (mma.h: no such file)")

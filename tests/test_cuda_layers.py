@@ -23,7 +23,7 @@ if not _gpu:
     pytest.skip(_why, allow_module_level=True)
 
 import cupy  # noqa: E402 (only with a GPU)
-import cuda_layers as cl  # noqa: E402
+from llmc import cuda_layers as cl  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 RTOL = 1e-5  # float32 reassociation: the sums add the same terms in another order

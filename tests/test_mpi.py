@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 
-import distributed
+from llmc import distributed
 import train_gpt2 as tg
 from helpers import MODEL, ROOT, assert_one_error_line, run, write_tokens
 
@@ -257,7 +257,7 @@ def test_an_exception_on_one_process_ends_the_job(data, tmp_path):
     wrapper = tmp_path / "fail_on_rank_1.py"
     wrapper.write_text(f"""import runpy, sys
 sys.path.insert(0, {ROOT!r})
-import distributed
+from llmc import distributed
 calls, allreduce_mean = [], distributed.MPIProcesses.allreduce_mean
 def failing(self, array):
     calls.append(1)
@@ -294,7 +294,7 @@ def test_loader_shards_the_batch(N):
 
 def test_one_process_imports_no_mpi():
     # without a launcher: a single process, and mpi4py is not even imported (mpiexec -n 1 likewise)
-    code = "import sys, distributed; p = distributed.init(); print(type(p).__name__, 'mpi4py' in sys.modules)"
+    code = "import sys; from llmc import distributed; p = distributed.init(); print(type(p).__name__, 'mpi4py' in sys.modules)"
     for env in (clean_env(), clean_env(PMI_SIZE="1", PMI_RANK="0")):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
         assert result.stdout.split() == ["SingleProcess", "False"], result.stderr
@@ -304,7 +304,7 @@ def test_a_launcher_that_does_not_say_how_many_without_mpi4py_is_one_process(tmp
     # PMIx alone (outside Slurm) gives only the rank: without mpi4py, rank 0 trains as one process
     (tmp_path / "mpi4py").mkdir()
     (tmp_path / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py is not installed')\n")
-    code = "import distributed; print(type(distributed.init()).__name__)"
+    code = "from llmc import distributed; print(type(distributed.init()).__name__)"
     env = clean_env(PMIX_RANK="0", PYTHONPATH=str(tmp_path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0 and result.stdout.split() == ["SingleProcess"], result.stderr

@@ -47,7 +47,7 @@ def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills()
     assert result.returncode == 0, result.stdout + result.stderr
     rows = re.findall(r"^sm_(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)/(\d+)", result.stdout, re.M)
     # every kernel named in a source, once per (arch, dtype): a check that found nothing would say nothing
-    names = set(check_kernels.KERNEL_NAME.findall(open(os.path.join(ROOT, "cuda_layers.py")).read()))
+    names = set(check_kernels.KERNEL_NAME.findall(open(os.path.join(ROOT, "llmc", "cuda_layers.py")).read()))
     assert len(names) >= 17 and "flash_attention_backward_dkdv_kernel" in names
     for arch in ("80", "90"):
         for dtype in ("float32", "bfloat16"):
