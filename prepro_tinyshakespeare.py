@@ -29,7 +29,8 @@ import numpy as np
 
 # the trainer's atomic write (a file is complete under its name, or not there) and llm.c's token file
 # format: a header of 256 int32 (magic 20240520, version 1, number of tokens), then uint16 tokens
-from train_gpt2 import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION, atomic_write
+from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
+from llmc.utils import atomic_write
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768                          # the first 32,768 tokens are the validation split

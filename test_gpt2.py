@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 import train_gpt2 as tg
+from llmc import cli, device, formats
 
 # the losses of 10 AdamW steps that PyTorch computes on the official GPT-2 124M debug state,
 # as published in llm.c's test_gpt2.c
@@ -67,7 +68,7 @@ def read_debug_state(path, config):
         raise tg.InputError(f"debug state {path} not found: get gpt2_124M_debug_state.bin from llm.c's starter "
                             f"pack, or write one with dev/make_reference.py")
     with open(path, "rb") as f:
-        header = tg.read_header(path, f, "debug state")
+        header = formats.read_header(path, f, "debug state")
         if header[0] != STATE_MAGIC:
             raise tg.InputError(f"{path}: bad magic {header[0]}, expected {STATE_MAGIC} (an llm.c debug state)")
         if header[1] != STATE_VERSION:
@@ -127,7 +128,7 @@ def check_tensor(a, b, label, tol, rel_tol=math.inf, epsilon=0.0):
 
 
 def parse_args(argv=None):
-    parser = tg.ArgumentParser(description="Compare train_gpt2.py with a PyTorch debug state, as llm.c's test_gpt2.c does.")
+    parser = cli.ArgumentParser(description="Compare train_gpt2.py with a PyTorch debug state, as llm.c's test_gpt2.c does.")
     parser.add_argument("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint")
     parser.add_argument("--state", default="gpt2_124M_debug_state.bin", help="llm.c debug state written by PyTorch")
     parser.add_argument("--expected-losses", metavar="FILE",
@@ -143,7 +144,7 @@ def parse_args(argv=None):
                         help="max norm-wise relative error ||ours - PyTorch|| / ||PyTorch|| of the logits and of each "
                              "gradient tensor (not in llm.c; default 1e-2: fp32 on a CPU agrees to ~1e-6, TF32 to "
                              "~1e-3; bf16: 5e-2; inf: not checked)")
-    tg.add_device_arguments(parser)  # --device, --tf32, --dtype (bf16 sets llm.c's bf16 tolerances as the defaults)
+    cli.add_device_arguments(parser)  # --device, --tf32, --dtype (bf16 sets llm.c's bf16 tolerances as the defaults)
     args = parser.parse_args(argv)
     for name, default in TOLERANCES[args.dtype].items():
         if getattr(args, name) is None:
@@ -153,7 +154,7 @@ def parse_args(argv=None):
 
 def main(args):
     tg.use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype, attention=args.attention)
-    print(f"device: {tg.describe_device()}")
+    print(f"device: {device.describe_device()}")
     model = tg.gpt2_build_from_checkpoint(args.checkpoint, hint=CHECKPOINT_HINT)
     c = model.config
     print(f"[GPT-2] {c}")

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt2 as tg  # noqa: E402
+from llmc import cpu, formats, tokenizer  # noqa: E402
 import bench_cuda  # noqa: E402  (--device cuda)
 
 
@@ -216,9 +217,9 @@ def torch_worker(args):
     # the PyTorch side of bench(): the same weights and batch, one step per "step" line on stdin
     import torch
     if args.tuned_malloc:
-        tg.keep_freed_memory()
+        cpu.keep_freed_memory()
     model = tg.gpt2_build_from_random(args.depth, seed=0)
-    x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), args.batch_size, args.seq_len).next_batch()
+    x, y = tg.DataLoader(formats.read_tokens(args.data, model.config.vocab_size), args.batch_size, args.seq_len).next_batch()
     gpt, optimizer = torch_model_from(model)
     del model
     tx, ty = torch.from_numpy(x).long(), torch.from_numpy(y).long()
@@ -247,7 +248,7 @@ def bench(args, depth, B, T, torch_too, show_breakdown):
     # the workers start first, while this process is small: a child's peak RSS starts from its parent's
     workers = [TorchWorker(args, depth, B, T, tuned) for tuned in (False, True)] if torch_too else []
     model = tg.gpt2_build_from_random(depth, seed=0)
-    x, y = tg.DataLoader(tg.read_tokens(args.data, model.config.vocab_size), B, T).next_batch()
+    x, y = tg.DataLoader(formats.read_tokens(args.data, model.config.vocab_size), B, T).next_batch()
     runners = {"numpy (ours)": lambda step: timed(numpy_step, model, x, y, step)}
     runners.update({w.name: (lambda step, w=w: w.step()) for w in workers})
     times, first_loss = defaultdict(list), {}
@@ -278,7 +279,7 @@ def sampling(model, num_tokens):
     # whole sequence for every token (once)
     def run(sampler):
         t0 = time.perf_counter()
-        for _ in sampler(model, [tg.GPT2_EOT], num_tokens, [1337]):
+        for _ in sampler(model, [tokenizer.GPT2_EOT], num_tokens, [1337]):
             pass
         return time.perf_counter() - t0
     cached = statistics.median(run(tg.gpt2_generate) for _ in range(3))
@@ -321,7 +322,7 @@ def main(argv=None):
         sys.exit(f"error: token file {args.data} not found: run `python prepro_tinyshakespeare.py` first")
     if args.torch_worker:
         return torch_worker(args)
-    tg.keep_freed_memory()  # ours runs as train_gpt2.py runs it
+    cpu.keep_freed_memory()  # ours runs as train_gpt2.py runs it
     print(machine_info())
     B, T = args.batch_size, args.seq_len
     torch_too = not args.no_torch and importlib.util.find_spec("torch") is not None

@@ -96,6 +96,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt2 as tg  # noqa: E402
+from llmc import cpu, formats, tokenizer  # noqa: E402
 
 # name: (label, TF32 matmuls, scaled_dot_product_attention, bf16 autocast)
 TORCH_VARIANTS = {
@@ -191,7 +192,7 @@ def flops_per_step(config, B, T):
 class Device:
     def __init__(self, args):
         self.simulated = args.simulate_cpu
-        tg.keep_freed_memory()  # ours runs as train_gpt2.py runs it
+        cpu.keep_freed_memory()  # ours runs as train_gpt2.py runs it
         if self.simulated:
             tg.use_device("cpu")
             self.sync = lambda: None
@@ -206,7 +207,7 @@ class Device:
         self.gpu_name = name.decode() if isinstance(name, bytes) else str(name)  # bytes or str, by CuPy version
 
     def describe(self):
-        return tg.describe_device() + (" (simulating the GPU run: no GPU calls, no GPU memory figures)" if self.simulated else "")
+        return device.describe_device() + (" (simulating the GPU run: no GPU calls, no GPU memory figures)" if self.simulated else "")
 
     def pool(self):
         # the memory pool our arrays come from: the one whose malloc is CuPy's allocator (its default pool
@@ -255,7 +256,7 @@ def timed(sync, fn, *args):
 
 def load_batch(args, config, B, T):
     if os.path.isfile(args.data):
-        x, y = tg.DataLoader(tg.read_tokens(args.data, config.vocab_size), B, T, args.data).next_batch()
+        x, y = tg.DataLoader(formats.read_tokens(args.data, config.vocab_size), B, T, args.data).next_batch()
         return x, y, f"the first {B}x{T} tokens of {args.data}"
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, B * T + 1, dtype=np.int32)
     return tokens[:-1].reshape(B, T), tokens[1:].reshape(B, T), f"random tokens ({args.data} not found)"
@@ -313,7 +314,7 @@ def breakdown(LayerTimer, device, model, x, y, steps):
 def sampling(device, model, num_tokens, runs=3):
     # batch 1, from <|endoftext|>, with the KV cache; one untimed run first (kernels compile)
     def run():
-        for _ in tg.gpt2_generate(model, [tg.GPT2_EOT], num_tokens, [1337]):
+        for _ in tg.gpt2_generate(model, [tokenizer.GPT2_EOT], num_tokens, [1337]):
             pass
     timed(device.sync, run)
     return statistics.median(timed(device.sync, run)[0] for _ in range(runs))

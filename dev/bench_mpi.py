@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from llmc import distributed  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
+from llmc import cpu, formats  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train_gpt2.py")
 # the mpiexec of the MPI that mpi4py uses: the one pip's mpich put beside this Python, else the PATH's
@@ -41,7 +42,7 @@ MPIEXEC = MPIEXEC if os.access(MPIEXEC, os.X_OK) else "mpiexec"
 def write_random_tokens(path, n, vocab_size=50257, seed=0):
     # an llm.c token file: 256-int32 header (magic, version, count), then uint16 tokens
     header = np.zeros(tg.HEADER_INTS, dtype="<i4")
-    header[:3] = [tg.TOKENS_MAGIC, tg.TOKENS_VERSION, n]
+    header[:3] = [formats.TOKENS_MAGIC, formats.TOKENS_VERSION, n]
     tokens = np.random.default_rng(seed).integers(0, vocab_size, n).astype("<u2")
     with open(path, "wb") as f:
         f.write(header.tobytes() + tokens.tobytes())
@@ -58,7 +59,7 @@ def step_times(command):
 
 
 def bench_cpu(args):
-    cores = tg.usable_cpus()
+    cores = cpu.usable_cpus()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_random_tokens(os.path.join(tmp, "train.bin"), 100_000)
         common = ["--init", "d12", "-t", str(args.seq_len), "--steps", str(args.steps), "--val-every", "0",

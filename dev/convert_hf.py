@@ -16,7 +16,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt2 import GPT2Config, atomic_write, checkpoint_header, padded_vocab, parameter_shapes  # noqa: E402
+from llmc.formats import checkpoint_header  # noqa: E402
+from llmc.utils import atomic_write  # noqa: E402
+from train_gpt2 import GPT2Config, padded_vocab, parameter_shapes  # noqa: E402
 
 # llm.c's 16 tensors in file order, and the Hugging Face key of each (per layer: {l}), transposed?
 LAYOUT = [

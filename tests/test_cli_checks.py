@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
+from llmc import cli, cpu, device, formats, tokenizer
 from helpers import MODEL, ROOT, assert_one_error_line, run, usable_gpu, write_tokens
 
 # MODEL is the tiny fixture: V = 777, maxT = 64
@@ -54,7 +55,7 @@ def test_log_in_a_missing_folder_is_created(tmp_path, data):
 
 def test_missing_token_file_is_refused_before_the_weights_are_read(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "gpt2_build_from_checkpoint", lambda *a: pytest.fail("the model was built"))
-    args = tg.parse_args(["--checkpoint", MODEL, "--train-data", str(tmp_path / "none.bin")])
+    args = cli.parse_args(tg.DEPTHS, ["--checkpoint", MODEL, "--train-data", str(tmp_path / "none.bin")])
     with pytest.raises(tg.InputError, match="none.bin not found"):
         tg.main(args)
 
@@ -69,14 +70,14 @@ def never_built(monkeypatch):
 def test_seq_len_beyond_the_model_is_refused_before_building(monkeypatch):
     never_built(monkeypatch)
     with pytest.raises(tg.InputError, match="--seq-len 2048 exceeds the model's max_seq_len 1024"):
-        tg.main(tg.parse_args(["--init", "d12", "-t", "2048"]))
+        tg.main(cli.parse_args(tg.DEPTHS, ["--init", "d12", "-t", "2048"]))
 
 
 def test_a_batch_that_cannot_fit_is_refused_with_an_estimate(monkeypatch):
     never_built(monkeypatch)
-    monkeypatch.setattr(tg, "available_memory", lambda: 20e9)
+    monkeypatch.setattr(cli, "available_memory", lambda: 20e9)
     with pytest.raises(tg.InputError, match=r"-b 1000 -t 64 needs about 83\.\d GB .* only 20\.0 GB is available"):
-        tg.main(tg.parse_args(["--init", "d12", "-b", "1000", "--val-every", "0"]))
+        tg.main(cli.parse_args(tg.DEPTHS, ["--init", "d12", "-b", "1000", "--val-every", "0"]))
 
 
 def test_oversized_batch_from_the_command_line(tmp_path):
@@ -87,7 +88,7 @@ def test_oversized_batch_from_the_command_line(tmp_path):
 
 def test_memory_estimate_is_close_for_the_default_run():
     # GPT-2 124M at B=4, T=64: measured peak RSS 2.42 GB (README); the estimate must not be far off
-    estimate = tg.training_memory(tg.random_config("d12"), 4, 64)
+    estimate = device.training_memory(tg.random_config("d12"), tg.num_parameters(tg.random_config("d12")), 4, 64)
     assert 2.0e9 < estimate < 2.6e9
 
 
@@ -117,7 +118,7 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoints(tmp_path, data):
     assert len(lines) == 1 and lines[0].startswith("error: interrupted at step "), stderr
     assert f"--resume {out}" in lines[0]
     # every pair on disk is whole: the newest loads and the run resumes from it
-    steps = tg.latest_checkpoint(str(out))
+    steps = formats.latest_checkpoint(str(out))
     assert steps is not None and steps >= 4
     tg.gpt2_build_from_checkpoint(str(out / f"model_{steps}.bin"))
     assert not [name for name in os.listdir(out) if ".tmp." in name]
@@ -136,7 +137,7 @@ def test_ctrl_c_without_checkpoints_says_so(tmp_path, data):
 # sampling options
 
 def test_prompt_is_not_checked_when_nothing_is_sampled(tmp_path, data):
-    if isinstance(tg.tiktoken_gpt2(), Exception):
+    if isinstance(tokenizer.tiktoken_gpt2(), Exception):
         pytest.skip("tiktoken's GPT-2 files are not here (offline): set TIKTOKEN_CACHE_DIR")
     # "hello world" has GPT-2 tokens beyond the tiny model's 777: an error only if it will be used
     result = train(tmp_path, data, "--steps", "0", "--sample-every", "0", "--prompt", "hello world")
@@ -168,29 +169,29 @@ def test_test_gpt2_hint_names_its_own_options(tmp_path):
 
 def test_numpy_error_state_is_left_alone(tmp_path, data):
     before = np.geterr()
-    args = tg.parse_args(["--checkpoint", MODEL, *data, "-b", "2", "-t", "8", "--steps", "1", "--sample-every", "0",
+    args = cli.parse_args(tg.DEPTHS, ["--checkpoint", MODEL, *data, "-b", "2", "-t", "8", "--steps", "1", "--sample-every", "0",
                           "--val-every", "0"])
     tg.main(args)
     assert np.geterr() == before
 
 
 def test_adamw_keeps_one_pool_and_leaves_small_tensors_whole(monkeypatch):
-    monkeypatch.setattr(tg, "ADAMW_POOL", None)
-    monkeypatch.setattr(tg, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(cpu, "ADAMW_POOL", None)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
     small = [np.ones(768, np.float32) for _ in range(4)]
-    tg.adamw_threaded(*small, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
-    assert tg.ADAMW_POOL is None  # done inline: no threads for 768 floats
-    big = [np.ones(4 * tg.ADAMW_CHUNK + 5, np.float32) for _ in range(4)]
-    tg.adamw_threaded(*big, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
-    pool = tg.ADAMW_POOL
+    cpu.adamw_threaded(*small, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    assert cpu.ADAMW_POOL is None  # done inline: no threads for 768 floats
+    big = [np.ones(4 * cpu.ADAMW_CHUNK + 5, np.float32) for _ in range(4)]
+    cpu.adamw_threaded(*big, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    pool = cpu.ADAMW_POOL
     assert pool is not None
-    tg.adamw_threaded(*big, 1e-3, 0.9, 0.999, 1e-8, 0.0, 2)
-    assert tg.ADAMW_POOL is pool
+    cpu.adamw_threaded(*big, 1e-3, 0.9, 0.999, 1e-8, 0.0, 2)
+    assert cpu.ADAMW_POOL is pool
     pool.shutdown()
 
 
 def test_tiktoken_is_loaded_once():
-    assert tg.tiktoken_gpt2() is tg.tiktoken_gpt2()
+    assert tokenizer.tiktoken_gpt2() is tokenizer.tiktoken_gpt2()
 
 
 # the GPU option on a machine without one

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
+from llmc import device
 from helpers import FIXTURE_ARGS, MODEL, run, usable_bf16, usable_gpu, write_tokens
 
 GPU, _why = usable_gpu()
@@ -89,7 +90,7 @@ def test_arrays_live_on_the_gpu_and_stay_float32(cuda):
     for array in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory,
                   model.acts["logits"], probs):
         assert isinstance(array, cupy.ndarray) and array.dtype == np.float32
-    assert "cuda:" in tg.describe_device()
+    assert "cuda:" in device.describe_device()
 
 
 def test_kv_cache_sampling_on_the_gpu(cuda):
@@ -182,7 +183,7 @@ def test_bf16_arrays_and_what_stays_float32():
         assert not bool((model.weights_memory.view(np.uint16) == before.view(np.uint16)).all())
         expected = tg.to_host(model.params_memory).astype(ml_dtypes.bfloat16)
         assert (tg.to_host(model.weights_memory).view(np.uint16) == expected.view(np.uint16)).all()
-        assert "bf16" in tg.describe_device()
+        assert "bf16" in device.describe_device()
 
 
 @bf16_only
@@ -250,7 +251,7 @@ FLASH_CONFIG = tg.GPT2Config(max_seq_len=64, vocab_size=97, padded_vocab_size=12
 def flash_steps(dtype, attention, n=3):
     # train_steps of a small random GPT-2 with head size 64, at T = 64, on the GPU
     with on_gpu(dtype=dtype, attention=attention):
-        assert ("flash attention" in tg.describe_device()) == (attention == "flash")
+        assert ("flash attention" in device.describe_device()) == (attention == "flash")
         rng = np.random.default_rng(0)
         params = (rng.standard_normal(tg.num_parameters(FLASH_CONFIG)) * 0.1).astype(np.float32)
         return train_steps(tg.GPT2(FLASH_CONFIG, params), rng.integers(0, 97, (2, 65)).astype(np.int32), n)

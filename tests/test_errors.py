@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 import test_gpt2
 import train_gpt2 as tg
+from llmc import cli, formats
+from llmc.run import NonFiniteLossError
 from helpers import (CHECKPOINT_MAGIC, LOSSES, MODEL, STATE, STATE_MAGIC, TOKENS_MAGIC, assert_one_error_line, header,
                      run, write_tokens)
 
@@ -126,9 +128,9 @@ def test_non_finite_loss_leaves_the_weights_alone(tmp_path, data, monkeypatch):
     tg.gpt2_write_checkpoint(model, path)
     before = model.params_memory.copy()
     monkeypatch.setattr(tg, "gpt2_build_from_checkpoint", lambda *args, **kwargs: model)  # this very model, to look at
-    args = tg.parse_args(["--checkpoint", path, "--train-data", data[0], "--val-data", data[1], "-b", "2", "-t", "8",
+    args = cli.parse_args(tg.DEPTHS, ["--checkpoint", path, "--train-data", data[0], "--val-data", data[1], "-b", "2", "-t", "8",
                           "--val-every", "0", "--sample-every", "0"])
-    with pytest.raises(tg.NonFiniteLossError, match="step 0"):
+    with pytest.raises(NonFiniteLossError, match="step 0"):
         tg.main(args)
     np.testing.assert_array_equal(model.params_memory, before)
     assert model.m_memory is None  # AdamW never ran
@@ -199,7 +201,7 @@ def test_any_token_file(tmp_path, first, body):
     path = tmp_path / "fuzz.bin"
     path.write_bytes(struct.pack(f"<{len(first)}i", *first) + body)
     try:
-        tokens = tg.read_tokens(str(path), 300)
+        tokens = formats.read_tokens(str(path), 300)
     except tg.InputError as e:
         assert str(path) in str(e)
         return

@@ -7,6 +7,7 @@ import pytest
 
 import test_gpt2
 import train_gpt2 as tg
+from llmc import formats, tokenizer
 from helpers import (CHECKPOINT_MAGIC, LOSSES, MODEL, STATE, STATE_MAGIC, TOKENIZER_MAGIC, TOKENS_MAGIC, header, run,
                      write_tokens)
 
@@ -64,8 +65,8 @@ def test_tokens_both_formats(tmp_path):
     tokens = list(range(100, 130))
     write_tokens(tmp_path / "new.bin", tokens)
     (tmp_path / "old.bin").write_bytes(np.array(tokens, dtype="<i4").tobytes())
-    assert list(tg.read_tokens(str(tmp_path / "new.bin"), 200)) == tokens
-    assert list(tg.read_tokens(str(tmp_path / "old.bin"), 200)) == tokens
+    assert list(formats.read_tokens(str(tmp_path / "new.bin"), 200)) == tokens
+    assert list(formats.read_tokens(str(tmp_path / "old.bin"), 200)) == tokens
 
 
 def test_dataloader_is_consecutive_and_wraps():
@@ -86,10 +87,10 @@ def test_tokenizer_file(tmp_path):
     body = b"".join(bytes([len(t)]) + t for t in table)
     path = tmp_path / "gpt2_tokenizer.bin"
     path.write_bytes(header(TOKENIZER_MAGIC, 2, len(table), 3) + body)
-    assert tg.tokenizer_load(str(path)) == table
+    assert tokenizer.tokenizer_load(str(path)) == table
     path.write_bytes(header(TOKENIZER_MAGIC, 2, len(table) + 1, 3) + body)  # one token announced too many
     with pytest.raises(tg.InputError, match="truncated"):
-        tg.tokenizer_load(str(path))
+        tokenizer.tokenizer_load(str(path))
 
 
 def test_xorshift_matches_llmc():

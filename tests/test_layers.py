@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import train_gpt2 as tg
+from llmc import cpu
 
 RTOL, ATOL = 1e-6, 1e-8
 
@@ -233,8 +234,10 @@ def test_adamw_plain_matches_llmc_loop():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_gpt2_update_matches_adamw_plain(monkeypatch, weight_decay):
-    # the chunked, in-place AdamW against the plain one, over several chunks and a ragged last one
-    monkeypatch.setattr(tg, "ADAMW_CHUNK", 500)
+    # the chunked, in-place AdamW on threads (what use_device("cpu") installs) against the plain
+    # one, over several chunks and a ragged last one
+    monkeypatch.setattr(cpu, "ADAMW_CHUNK", 500)
+    monkeypatch.setattr(tg, "adamw", cpu.FASTER_LAYERS["adamw"])
     model = tiny_model(np.float64)
     rng = np.random.default_rng(4)
     n = model.params_memory.size

@@ -136,9 +136,9 @@ def test_decay_2d_only():
     model = tg.gpt2_build_from_checkpoint(MODEL)
     before = {name: p.copy() for name, p in model.params.items()}
     model.grads_memory = np.zeros_like(model.params_memory)  # no gradient: only the decay acts
-    tg.gpt2_update(model, 0.1, 0.9, 0.999, 1e-8, 0.5, 1, decayed=tg.MATRICES)
+    tg.gpt2_update(model, 0.1, 0.9, 0.999, 1e-8, 0.5, 1, decayed_names=tg.TENSORS_2D)
     for name, p in model.params.items():
-        if name in tg.MATRICES:
+        if name in tg.TENSORS_2D:
             np.testing.assert_allclose(p, before[name] * (1 - 0.1 * 0.5), rtol=1e-6)
         else:
             np.testing.assert_array_equal(p, before[name])

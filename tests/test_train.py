@@ -8,6 +8,7 @@ import pytest
 
 import test_gpt2
 import train_gpt2 as tg
+from llmc import formats
 from helpers import FIXTURE_ARGS, TIGHT, run, write_tokens
 
 
@@ -121,5 +122,5 @@ def test_training_from_scratch_lowers_the_loss(made_up_text, tmp_path):
     assert "generating:" in result.stdout
     # the trained model is an llm.c checkpoint that loads again and gives the same validation loss
     model = tg.gpt2_build_from_checkpoint(str(output))
-    val_loader = tg.DataLoader(tg.read_tokens(val_data, 50257), 4, 32)
+    val_loader = tg.DataLoader(formats.read_tokens(val_data, 50257), 4, 32)
     assert tg.evaluate(model, val_loader, 5) == pytest.approx(val[-1], abs=1e-6)
