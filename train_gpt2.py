@@ -6,8 +6,8 @@ chains them into a forward pass, a backward pass and an AdamW update, exactly as
 the training loop at the bottom fine-tunes GPT-2 on Tiny Shakespeare and samples from it.
 
     python prepro_tinyshakespeare.py      # writes data/tiny_shakespeare_{train,val}.bin
-    python train_gpt2.py --download       # fetches gpt2_124M.bin (llm.c's starter pack), fine-tunes it
-    python train_gpt2.py --init d6        # or: trains a small GPT-2 from scratch, nothing downloaded
+    python train_gpt2.py --download       # fetches llm.c's gpt2_124M.bin, fine-tunes it
+    python train_gpt2.py --init d6        # or: trains a small GPT-2 from scratch
 
     python train_gpt2.py --device cuda --init d12 -b 8 -t 1024   # the same layers on an NVIDIA GPU
     mpiexec -n 2 python train_gpt2.py -b 2   # 2 processes, each with half of every batch
@@ -26,13 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmc.cli import parse_args  # defines: parse_args (every option of this script, checked)
-from llmc.device import choose_device, floatX_weights  # defines: choose_device, floatX_weights
-from llmc.formats import (  # defines: HEADER_INTS, CHECKPOINT_HINT, read_checkpoint_header,
-    CHECKPOINT_HINT, HEADER_INTS, check_checkpoint_size, checkpoint_header, describe_config,
-    read_checkpoint_header)  # check_checkpoint_size, checkpoint_header, describe_config
-from llmc.run import errors_as_one_line, setup  # defines: setup, errors_as_one_line
-from llmc.utils import InputError, atomic_write, to_host  # defines: InputError, atomic_write, to_host
+# the machinery, in llmc/ beside this file (as llm.c's train_gpt2.c includes llmc/*.h)
+# defines: parse_args (every option of this script, checked before any work)
+from llmc.cli import parse_args
+# defines: choose_device, floatX_weights
+from llmc.device import choose_device, floatX_weights
+# defines: HEADER_INTS, CHECKPOINT_HINT, check_checkpoint_size, checkpoint_header, describe_config,
+# read_checkpoint_header
+from llmc.formats import (CHECKPOINT_HINT, HEADER_INTS, check_checkpoint_size, checkpoint_header,
+                          describe_config, read_checkpoint_header)
+# defines: setup, errors_as_one_line
+from llmc.run import errors_as_one_line, setup
+# defines: InputError, atomic_write, to_host
+from llmc.utils import InputError, atomic_write, to_host
 
 # The array module the layers compute with: NumPy, or CuPy on an NVIDIA GPU, chosen once by
 # use_device (at the end) before any array is made. Every layer is written against xp, so the same
@@ -128,7 +134,8 @@ def attention_forward(inp, NH):
     C = C3 // 3
     hs = C // NH  # head size
     q, k, v = inp.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (B,T,3C) -> 3 x (B,NH,T,hs)
-    preatt = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))  # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+    # (B,NH,T,hs) @ (B,NH,hs,T) -> (B,NH,T,T)
+    preatt = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))
     # causal mask: position t may only look at positions t2 <= t
     causal = xp.tri(T, dtype=bool)  # (T,T), True on and below the diagonal
     preatt = xp.where(causal, preatt, -xp.inf)  # (B,NH,T,T)
@@ -331,10 +338,12 @@ def gpt2_build_from_random(depth, seed):
     memory = np.zeros(num_parameters(config), dtype=np.float32)
     p = point_parameters(memory, config)
     rng = np.random.default_rng(seed)
-    residual_std = 0.02 / math.sqrt(2 * config.num_layers)  # the projections into the residual stream are scaled down
+    # the projections into the residual stream start smaller, as GPT-2's do
+    residual_std = 0.02 / math.sqrt(2 * config.num_layers)
     for name, std in [("wte", 0.02), ("wpe", 0.02), ("qkvw", 0.02), ("attprojw", residual_std),
                       ("fcw", 0.02), ("fcprojw", residual_std)]:
-        tensor = p[name][:config.vocab_size] if name == "wte" else p[name]  # the padded rows of wte stay zero
+        # (the padded rows of wte stay zero)
+        tensor = p[name][:config.vocab_size] if name == "wte" else p[name]
         rng.standard_normal(out=tensor, dtype=np.float32)
         tensor *= std
     for name in ("ln1w", "ln2w", "lnfw"):
@@ -390,35 +399,37 @@ def gpt2_backward(model):
     g, L = model.grads, model.config.num_layers
     targets = acts["targets"]
     B, T = targets.shape
-    # the chain rule starts at the mean loss over all B*T positions: d mean / d losses[b,t] = 1/(B*T)
+    # the chain rule starts at the mean loss over all B*T positions: d mean / d losses = 1/(B*T)
     dlosses = xp.full((B, T), 1.0 / (B * T), dtype=xp.float32)  # (B,T)
-    dlogits = crossentropy_softmax_backward(dlosses, acts.pop("probs"), targets, model.config.padded_vocab_size)  # (B,T,Vp)
-    dlnf = matmul_backward(dlogits, acts.pop("logits_cache"), g["wte"], None)  # (B,T,C); writes the classifier's dwte
+    Vp = model.config.padded_vocab_size
+    dlogits = crossentropy_softmax_backward(dlosses, acts.pop("probs"), targets, Vp)  # (B,T,Vp)
+    # the classifier's part of dwte is written here
+    dlnf = matmul_backward(dlogits, acts.pop("logits_cache"), g["wte"], None)  # (B,T,C)
     del dlogits  # the largest array of the backward pass: let go of it at once
     dresidual = layernorm_backward(dlnf, acts["lnf"], g["lnfw"], g["lnfb"])  # (B,T,C)
     for l in reversed(range(L)):
         (ln1_cache, qkv_cache, att_cache, attproj_cache,
-         ln2_cache, fc_cache, gelu_cache, fcproj_cache) = acts["layers"].pop()  # layer l's, the last left
+         ln2_cache, fc_cache, gelu_cache, fcproj_cache) = acts["layers"].pop()  # layer l's
         # residual3 = residual2 + fcproj
         dresidual2, dfcproj = residual_backward(dresidual, None)
-        dfch_gelu = matmul_backward(dfcproj, fcproj_cache, g["fcprojw"][l], g["fcprojb"][l])  # (B,T,4C)
+        dfch_gelu = matmul_backward(dfcproj, fcproj_cache, g["fcprojw"][l], g["fcprojb"][l])
         dfch = gelu_backward(dfch_gelu, gelu_cache)  # (B,T,4C)
         dln2 = matmul_backward(dfch, fc_cache, g["fcw"][l], g["fcb"][l])  # (B,T,C)
         # residual2 feeds both ln2 and the skip connection: its gradient is the sum of both
         dresidual2 = dresidual2 + layernorm_backward(dln2, ln2_cache, g["ln2w"][l], g["ln2b"][l])
         # residual2 = residual + attproj
         dresidual, dattproj = residual_backward(dresidual2, None)
-        datty = matmul_backward(dattproj, attproj_cache, g["attprojw"][l], g["attprojb"][l])  # (B,T,C)
+        datty = matmul_backward(dattproj, attproj_cache, g["attprojw"][l], g["attprojb"][l])
         dqkv = attention_backward(datty, att_cache)  # (B,T,3C)
         dln1 = matmul_backward(dqkv, qkv_cache, g["qkvw"][l], g["qkvb"][l])  # (B,T,C)
         # the layer's input feeds both ln1 and the skip connection
         dresidual = dresidual + layernorm_backward(dln1, ln1_cache, g["ln1w"][l], g["ln1b"][l])
-    # wte gets a second gradient here, from its use as the token embedding (encoder_backward adds it)
+    # wte gets its second gradient here, as the token embedding (encoder_backward adds it)
     encoder_backward(dresidual, acts["encoder"], g["wte"], g["wpe"])
 
 
 def adamw_plain(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_decay, t):
-    # AdamW, as llm.c's gpt2_update writes it (reference: PyTorch's torch.optim.AdamW), on whole arrays.
+    # AdamW, as llm.c's gpt2_update writes it (after PyTorch's AdamW), on whole arrays.
     # update the first moment (momentum) and the second moment (RMSprop), in place
     m *= beta1
     m += (1.0 - beta1) * grad
@@ -431,7 +442,7 @@ def adamw_plain(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_deca
     param -= learning_rate * (m_hat / (xp.sqrt(v_hat) + eps) + weight_decay * param)
 
 
-adamw = adamw_plain  # what gpt2_update calls; use_device puts a faster form here (threads, a GPU kernel)
+adamw = adamw_plain  # what gpt2_update calls; use_device may put a faster form here
 
 
 def gpt2_update(model, learning_rate, beta1, beta2, eps, weight_decay, t, decayed_names=None):
@@ -476,7 +487,8 @@ class DataLoader:
         if len(tokens) < rows * T + 1:
             raise InputError(f"{path}: has {len(tokens)} tokens, fewer than one batch needs (B*T+1 = {rows * T + 1})")
         self.tokens, self.B, self.T, self.rank, self.num_processes = tokens, B, T, rank, num_processes
-        self.num_batches = (len(tokens) - 1) // (rows * T)  # the +1 target token may overlap the next batch
+        # (the +1 target token may overlap the next batch)
+        self.num_batches = (len(tokens) - 1) // (rows * T)
         self.current_batch = 0
 
     def reset(self):
@@ -528,7 +540,7 @@ def sample_token(logits, V, rng_state, temperature=1.0, top_k=0):
         logits = logits / temperature  # (V,)
     if top_k:
         kth_largest = xp.partition(logits, V - top_k)[V - top_k]
-        logits = xp.where(logits >= kth_largest, logits, -math.inf)  # (V,) the rest get probability 0
+        logits = xp.where(logits >= kth_largest, logits, -math.inf)  # (V,) the rest: probability 0
     probs = softmax_forward(logits[None, None], V)[0, 0]  # (V,)
     return sample_mult(to_host(probs), random_f32(rng_state))
 
@@ -561,7 +573,8 @@ def attention_forward_cached(qkv, kv_cache, pos, NH):
     kv_cache[0, :, pos], kv_cache[1, :, pos] = k, v
     keys, values = kv_cache[0, :, :pos + 1], kv_cache[1, :, :pos + 1]  # (NH,pos+1,hs) each
     # the newest position may look at every position so far: no mask needed
-    att = (keys @ q[:, :, None])[:, :, 0] * (1.0 / math.sqrt(hs))  # (NH,pos+1,hs) @ (NH,hs,1) -> (NH,pos+1)
+    # (NH,pos+1,hs) @ (NH,hs,1) -> (NH,pos+1)
+    att = (keys @ q[:, :, None])[:, :, 0] * (1.0 / math.sqrt(hs))
     att = xp.exp(att - att.max(axis=-1, keepdims=True))
     att /= att.sum(axis=-1, keepdims=True)
     out = (att[:, None, :] @ values)[:, 0]  # (NH,1,pos+1) @ (NH,pos+1,hs) -> (NH,hs)
@@ -569,9 +582,9 @@ def attention_forward_cached(qkv, kv_cache, pos, NH):
 
 
 def gpt2_forward_cached(model, token, pos, kv_cache):
-    # gpt2_forward for the single token at position pos, using and filling kv_cache (L,2,NH,maxlen,hs);
-    # returns the logits (Vp,) of the next token. Inference only: nothing is kept for a backward pass.
-    # It computes with the float32 parameters whatever --dtype is: one row at a time is fast in float32.
+    # gpt2_forward for the one token at position pos, using and filling kv_cache (L,2,NH,maxlen,hs);
+    # returns the logits (Vp,) of the next token. Inference only: nothing is kept for a backward
+    # pass. It computes with the float32 parameters whatever --dtype is: one row is fast in float32.
     p, NH = model.params, model.config.num_heads
     residual, _ = encoder_forward(xp.asarray([[token]]), p["wte"], p["wpe"][pos:pos + 1])  # (1,1,C)
     for l in range(model.config.num_layers):
@@ -592,9 +605,9 @@ def gpt2_forward_cached(model, token, pos, kv_cache):
 
 def gpt2_generate(model, prompt, num_tokens, rng_state, temperature=1.0, top_k=0):
     # the same tokens as gpt2_sample, at one position's forward pass per token (with --dtype bf16,
-    # gpt2_sample computes with the bfloat16 weights, and this with the float32 ones: close, not equal)
+    # gpt2_sample computes with the bfloat16 weights, this with the float32 ones: close, not equal)
     c = model.config
-    # the last token sampled is never fed back, so the positions used are 0 .. len(prompt)+num_tokens-2
+    # the last token sampled is never fed back: positions 0 .. len(prompt)+num_tokens-2 are used
     kv_cache = xp.zeros((c.num_layers, 2, c.num_heads, len(prompt) + num_tokens - 1, c.channels // c.num_heads),
                         dtype=model.params_memory.dtype)  # (L,2,NH,maxlen,hs)
     for pos, token in enumerate(prompt[:-1]):
@@ -649,7 +662,7 @@ def grad_norm(grads_memory):
 
 
 def clip_gradients(model, max_norm):
-    # scale all gradients down together if their global norm exceeds max_norm; returns the norm before
+    # scale all gradients down together if their global norm exceeds max_norm; returns the norm
     norm = grad_norm(model.grads_memory)
     if norm > max_norm:
         model.grads_memory *= max_norm / norm
@@ -695,7 +708,7 @@ def main(args):
     run = setup(args, sys.modules[__name__])
     model, procs = run.model, run.procs
     decayed_names = TENSORS_2D if args.decay_2d_only else None  # None: all, as llm.c's CPU code
-    with run.stops_cleanly():  # a non-finite loss or Ctrl-C: one line, and where to go on from
+    with run.stops_cleanly():  # Ctrl-C: one line saying where to go on from; the log closed
         for step in range(run.steps_done, args.steps + 1):
             last_step = step == args.steps
             # once in a while estimate the validation loss (the mean over all processes)
@@ -709,7 +722,8 @@ def main(args):
                 break
             # do a training step
             t0 = time.perf_counter()
-            loss = accumulate_gradients(model, run.train_loader, args.grad_accum)  # forward, backward
+            # forward and backward passes
+            loss = accumulate_gradients(model, run.train_loader, args.grad_accum)
             # several processes: each had its own rows of the batch; average their gradients
             procs.allreduce_mean(model.grads_memory)
             loss = procs.mean(loss)

@@ -650,6 +650,7 @@ def find_max_batch(args, device):
 if __name__ == "__main__":
     if "--torch-worker" in sys.argv:
         torch_worker(sys.argv[1:])
-    else:  # python dev/bench_cuda.py [options] is bench.py --device cuda [options]
-        import bench
-        bench.main(["--device", "cuda"] + sys.argv[1:])
+    else:  # python dev/bench_cuda.py [options] is bench.py --device cuda [options] (bench.py imports
+        # this module, so it is started as a program, not imported back)
+        bench_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+        os.execv(sys.executable, [sys.executable, bench_py, "--device", "cuda"] + sys.argv[1:])
