@@ -53,7 +53,7 @@ ADAMW_POOL = None  # adamw_threaded's threads, started on first use and kept
 
 def adamw_threaded(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_decay, t):
     # adamw_inplace on all cores: NumPy lets go of the GIL inside its loops, so threads can update
-    # disjoint parts at once. One part per core, none smaller than a chunk (a LayerNorm stays whole).
+    # disjoint parts at once. A part per core, none smaller than a chunk (a LayerNorm stays whole).
     global ADAMW_POOL
     num_parts = max(1, min(usable_cpus(), param.size // ADAMW_CHUNK))
     if num_parts == 1:

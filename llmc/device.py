@@ -59,7 +59,7 @@ def choose_device(device, tf32=True, fused=True, dtype="fp32", attention="blocke
             raise RuntimeError("no GPU found")
         a = cupy.ones((2, 2), dtype=cupy.float32)
         float((a @ a).sum())  # compiles a kernel and calls cuBLAS: driver, NVRTC and cuBLAS work
-    except Exception as e:  # no GPU, no driver, or a CuPy for another CUDA version than the driver's
+    except Exception as e:  # no GPU, no driver, or a CuPy for another CUDA than the driver's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--device cuda: CuPy {cupy.__version__} cannot use a GPU here ({reason}); "
                          f"check the GPU with nvidia-smi, and that CuPy matches its driver: {CUPY_INSTALL}") from None

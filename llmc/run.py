@@ -45,7 +45,7 @@ def setup(args, lesson):
     check_options(args)
     download(args, procs)
 
-    # where the run starts: a random model, a checkpoint, or the newest checkpoint of a run to resume
+    # where the run starts: a random model, a checkpoint, or the newest checkpoint of a run
     steps_done = 0
     checkpoint = args.checkpoint
     if args.resume:
@@ -57,7 +57,7 @@ def setup(args, lesson):
     print(f"[GPT-2] {config}")
     print(f"num_parameters: {lesson.num_parameters(config)}")
     check_run_fits(config, lesson.num_parameters(config), args, steps_done)
-    # the last sampled token is never fed back: a prompt of P tokens and N new ones use P+N-1 positions
+    # the last sampled token is never fed back: P prompt tokens and N new ones use P+N-1 positions
     prompt = encode_prompt(args.prompt, config.vocab_size) if args.sample_every else []
     if prompt and len(prompt) + args.gen_tokens - 1 > config.max_seq_len:
         raise InputError(f"the prompt ({len(prompt)} tokens with <|endoftext|>) and --gen-tokens {args.gen_tokens} "
@@ -110,7 +110,8 @@ def resume(run, state_path):
     state_steps, state_B, state_T, next_batch, rng, m, v = read_run_state(state_path, run.model.params_memory.size)
     run.model.m_memory, run.model.v_memory = run.lesson.xp.asarray(m), run.lesson.xp.asarray(v)
     run.rng_state[0] = rng
-    if (state_B, state_T) != (B * procs.size, T):  # B: the rows of all processes, so N may change with it
+    # B counts the rows of all processes, so the number of processes may change
+    if (state_B, state_T) != (B * procs.size, T):
         raise InputError(f"--resume {run.args.resume}: the run used -b {state_B} -t {state_T} (-b times the number "
                          f"of processes; here {B} x {procs.size}): resume it with the same")
     if run.train_loader is not None:
@@ -143,9 +144,11 @@ class Run:
         # a character's bytes can be split across tokens: the decoder holds them until it is whole
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         if self.decode is None:  # no tokenizer: print the ids
-            show = lambda token: print(token, end=" ", flush=True)  # noqa: E731
+            def show(token):
+                print(token, end=" ", flush=True)
         else:
-            show = lambda token: print(utf8.decode(self.decode(token)), end="", flush=True)  # noqa: E731
+            def show(token):
+                print(utf8.decode(self.decode(token)), end="", flush=True)
         for token in self.prompt[1:]:
             show(token)
         t0 = time.perf_counter()
