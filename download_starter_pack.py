@@ -34,8 +34,8 @@ class DownloadError(Exception):
 
 
 def check_header(path, name):
-    # is the file what llm.c's format says? the magic, the version, and where the header tells the
-    # size (checkpoints and token files), the size
+    # does the file match llm.c's format: magic, version, and (checkpoints and token files)
+    # the size its header gives?
     magic, versions = MAGIC[name]
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -71,7 +71,7 @@ def download(url, path, name):
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # nothing left to send: the partial file is already complete
+        if e.code == 416 and start:  # nothing left to send: the partial file is complete
             total = int(e.headers.get("Content-Range", "*/-1").split("/")[-1])
             if total == start:
                 return finish(partial, path, name)
@@ -84,7 +84,7 @@ def download(url, path, name):
                             f"again (it resumes), or get {name} by hand from {BASE_URL}") from None
     with response:
         if start and response.status != 206:
-            start = 0  # the server ignored the Range header: it sends the whole file again
+            start = 0  # the server ignored Range: it sends the whole file again
         length = int(response.headers.get("Content-Length") or 0)
         total = start + length if length else 0
         done, t0 = start, time.time()
@@ -96,7 +96,7 @@ def download(url, path, name):
                     show_progress(name, done, total, t0)
                 f.flush()
                 os.fsync(f.fileno())
-        except (OSError, http.client.HTTPException) as e:  # a cut connection, a timeout, a full disk
+        except (OSError, http.client.HTTPException) as e:  # cut connection, timeout, full disk
             print(file=sys.stderr)
             raise DownloadError(f"download of {url} broke off at {done:,} bytes ({type(e).__name__}); "
                                 f"run again to resume it") from None

@@ -27,8 +27,8 @@ import urllib.request
 
 import numpy as np
 
-# the trainer's atomic write (a file is complete under its name, or not there) and llm.c's token file
-# format: a header of 256 int32 (magic 20240520, version 1, number of tokens), then uint16 tokens
+# the trainer's atomic write (a file is complete under its name, or absent) and llm.c's token
+# file format: a 256-int32 header (magic 20240520, version 1, token count), then uint16 tokens
 from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
 from llmc.utils import atomic_write
 
@@ -48,8 +48,7 @@ class PreproError(Exception):
 # download, tokenize, write: the three steps of llm.c's script
 
 def download(url, path):
-    # fetch url into path with a one-line progress display on stderr; written atomically, so path
-    # is never half a download
+    # fetch url into path, with one progress line on stderr; atomic, so never half a download
     done = 0
     try:
         with atomic_write(path) as f, urllib.request.urlopen(url, timeout=60) as response:
@@ -64,7 +63,7 @@ def download(url, path):
     except ValueError as e:  # urllib's answer to something that is not a URL
         raise PreproError(f"{url} is not a URL urllib can fetch ({e}); expected the http(s) address of the text",
                           2) from None
-    except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors too
+    except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
         reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise PreproError(f"could not download {url} ({reason}); expected the Tiny Shakespeare text there: "
                           f"run again, or pass a local copy with --input", 1) from None
@@ -74,20 +73,20 @@ def download(url, path):
 
 
 def tokenize(text):
-    # GPT-2's BPE tokenizer (tiktoken's "gpt2"); imported here, as only this step needs it
+    # GPT-2's BPE tokenizer (tiktoken's "gpt2"), imported here as only this step needs it
     try:
         import tiktoken
     except ImportError:
         raise PreproError("tiktoken is not installed; it is GPT-2's tokenizer here: pip install tiktoken", 2) from None
     try:
         enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # its files could not be downloaded, or the cached ones could not be read
+    except Exception as e:  # its files could not be downloaded, or the cached ones read
         raise PreproError(f"tiktoken could not load GPT-2's tokenizer files ({type(e).__name__}); it downloads "
                           f"them on first use, or set TIKTOKEN_CACHE_DIR to a folder that holds them", 1) from None
     eot = enc._special_tokens["<|endoftext|>"]  # 50256, the end-of-text token
-    # every block of text between blank lines is a "document", and each starts with <|endoftext|>.
-    # llm.c meant to drop the "\n\n" between sections but kept it (and keeps it for compatibility),
-    # so it is added back to every section but the last.
+    # each block between blank lines is a "document" starting with <|endoftext|>. llm.c meant
+    # to drop the "\n\n" between them but kept it (still, for compatibility), so we add it back
+    # to every section but the last.
     sections = text.split("\n\n")
     tokens = []
     for i, section in enumerate(sections):
@@ -146,11 +145,11 @@ def main(args):
         else:
             make_output_dir(args.output_dir)
             download(args.url, text_path)
-    # read and tokenize everything before writing anything, so bad input leaves no output behind
+    # tokenize everything before writing anything, so bad input leaves no output
     tokens = tokenize(read_text(text_path))
     make_output_dir(args.output_dir)
     write_datafile(os.path.join(args.output_dir, "tiny_shakespeare_val.bin"), tokens[:VAL_TOKENS])
-    # a text shorter than the validation split gives an empty training file (a valid header and no
+    # a text shorter than the validation split gives an empty training file (header, no
     # tokens), as llm.c's script does
     write_datafile(os.path.join(args.output_dir, "tiny_shakespeare_train.bin"), tokens[VAL_TOKENS:])
 

@@ -40,18 +40,20 @@ import numpy as np
 import train_gpt2 as tg
 from llmc import cli, device, formats
 
-# the losses of 10 AdamW steps that PyTorch computes on the official GPT-2 124M debug state,
-# as published in llm.c's test_gpt2.c
+# PyTorch's losses for 10 AdamW steps on the GPT-2 124M debug state
+# (llm.c's test_gpt2.c)
 LLMC_EXPECTED_LOSSES = [5.270007, 4.059707, 3.375123, 2.800783, 2.315382,
                         1.849029, 1.394656, 0.999147, 0.624080, 0.376511]
 
-# llm.c's test_gpt2.cu, bf16 build: each gradient element passes if |ours - reference| <= threshold of
-# its tensor + BF16_EPSILON * |reference|; the logits within 25, the losses within 0.05
+# llm.c's test_gpt2.cu, bf16 build: a gradient element passes if
+# |ours - ref| <= its tensor's threshold + BF16_EPSILON * |ref|;
+# logits within 25, losses within 0.05
 LLMC_BF16_GRAD_TOLS = {"wte": 5e-1, "wpe": 4e-3, "ln1w": 1e-1, "ln1b": 4e-2, "qkvw": 5e-2, "qkvb": 3.5e-2,
                        "attprojw": 2e-2, "attprojb": 3e-2, "ln2w": 5e-2, "ln2b": 3e-2, "fcw": 3e-2, "fcb": 3e-2,
                        "fcprojw": 2e-2, "fcprojb": 1e-2, "lnfw": 1e-1, "lnfb": 2e-2}
 BF16_EPSILON = 0.079
-TOLERANCES = {  # the defaults of --logits-tol, --loss-tol, --grad-tol (None: per tensor) and --rel-tol
+# defaults of --logits-tol, --loss-tol, --grad-tol (None: per tensor), --rel-tol
+TOLERANCES = {
     "fp32": dict(logits_tol=1e-2, loss_tol=1e-2, grad_tol=2e-2, rel_tol=1e-2),
     "bf16": dict(logits_tol=25.0, loss_tol=0.05, grad_tol=None, rel_tol=5e-2),
 }
@@ -62,8 +64,9 @@ CHECKPOINT_HINT = ("get gpt2_124M.bin and its debug state from llm.c's starter p
 
 
 def read_debug_state(path, config):
-    # llm.c's debug state: a 256-int32 header (magic, version, B, T), then x and y (B,T) int32,
-    # logits (B,T,V) float32, the loss, and the gradients in the checkpoint's layout
+    # llm.c's debug state: a 256-int32 header (magic, version, B, T), x and y
+    # (B,T) int32, logits (B,T,V) float32, the loss, then the gradients in the
+    # checkpoint's layout
     if not os.path.isfile(path):
         raise tg.InputError(f"debug state {path} not found: get gpt2_124M_debug_state.bin from llm.c's starter "
                             f"pack, or write one with dev/make_reference.py")
@@ -102,18 +105,18 @@ def read_expected_losses(path):
 
 
 def relative_error(a, b):
-    # the norm-wise relative error ||a - b|| / ||b|| over the whole tensor, in float64: unlike a maximum
-    # absolute difference it scales with the tensor, so it means the same for logits of size 10 and for
-    # gradients of size 1e-4 (0 when both are exactly zero, inf when only b is)
+    # ||a - b|| / ||b|| in float64: unlike a max abs difference it scales, so
+    # it means the same for logits of size 10 and gradients of size 1e-4
+    # (0 when both are zero, inf when only b is)
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     num, den = np.linalg.norm(a - b), np.linalg.norm(b)
     return float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def check_tensor(a, b, label, tol, rel_tol=math.inf, epsilon=0.0):
-    # poor man's tensor checker, as llm.c's: print the first few pairs, then the largest difference;
-    # and, beyond llm.c, the norm-wise relative error. a is ours (on the host or the device, float32 or
-    # bfloat16), b PyTorch's. Each element passes within tol + epsilon * |b| (llm.c's bf16 test: epsilon 0.079).
+    # poor man's tensor checker, as llm.c's, plus the relative error. a is ours
+    # (host or device, fp32 or bf16), b PyTorch's. An element passes within
+    # tol + epsilon * |b| (llm.c's bf16 test: epsilon 0.079).
     a, b = tg.to_host(a).astype(np.float32).ravel(), b.ravel()
     diff = np.abs(a.astype(np.float64) - b)
     maxdiff = float(diff.max())
@@ -144,7 +147,8 @@ def parse_args(argv=None):
                         help="max norm-wise relative error ||ours - PyTorch|| / ||PyTorch|| of the logits and of each "
                              "gradient tensor (not in llm.c; default 1e-2: fp32 on a CPU agrees to ~1e-6, TF32 to "
                              "~1e-3; bf16: 5e-2; inf: not checked)")
-    cli.add_device_arguments(parser)  # --device, --tf32, --dtype (bf16 sets llm.c's bf16 tolerances as the defaults)
+    # --device, --tf32, --dtype (bf16 defaults to llm.c's bf16 tolerances)
+    cli.add_device_arguments(parser)
     args = parser.parse_args(argv)
     for name, default in TOLERANCES[args.dtype].items():
         if getattr(args, name) is None:
@@ -171,8 +175,8 @@ def main(args):
         raise tg.InputError(f"{args.state}: token ids outside [0, {c.vocab_size}), the checkpoint's vocabulary")
 
     allok = True
-    margins, rel_errors = {}, {}  # the largest absolute differences, and the norm-wise relative errors
-    epsilon = BF16_EPSILON if args.dtype == "bf16" else 0.0  # a gradient's tolerance grows by epsilon |ref|
+    margins, rel_errors = {}, {}  # largest absolute differences, relative errors
+    epsilon = BF16_EPSILON if args.dtype == "bf16" else 0.0  # gradient tolerance: + epsilon |ref|
     for step in range(10):
         t0 = time.perf_counter()
         loss = float(tg.gpt2_forward(model, x, y))
@@ -180,7 +184,7 @@ def main(args):
         t1 = time.perf_counter()
 
         if step == 0:
-            # check the logits (only the first V of the Vp columns are real), the loss, all gradients
+            # logits (only the first V of Vp columns are real), loss, gradients
             logits = model.acts["logits"][..., :c.vocab_size]
             logits_ok, margins["logits"], rel_errors["logits"] = check_tensor(logits, expected_logits, "logits",
                                                                               args.logits_tol, args.rel_tol)

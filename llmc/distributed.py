@@ -1,28 +1,24 @@
 """
-Training on several processes: data parallelism over MPI, as llm.c's train_gpt2.cu does it.
+llmc/distributed.py: data parallelism over MPI, as in llm.c's train_gpt2.cu.
 
-    mpiexec -n 2 python train_gpt2.py -b 2 ...    # 2 processes, each taking 2 of every batch's 4 rows
+    mpiexec -n 2 python train_gpt2.py -b 2 ...    # 2 processes, each 2 rows of every 4
 
-Every process holds the whole model. Each step, each one runs the forward and backward passes on its own
-rows of the batch (train_gpt2.DataLoader hands them out), the gradients are averaged across the processes
-(allreduce_mean), and each makes the same AdamW update, so the weights stay the same everywhere: N
-processes with -b B compute what one process with -b N*B computes, up to the order of float32 additions.
+Every process holds the whole model and runs forward and backward on its own rows of the
+batch (train_gpt2.DataLoader hands them out). The gradients are averaged (allreduce_mean) and
+every process makes the same AdamW update, so N processes with -b B compute what one does
+with -b N*B, up to the order of float32 additions.
 
-The trainer calls this module at its edges only: init at the start of main, allreduce_mean and mean in
-the training step, is_main where one process alone prints, samples and writes, start_together before
-the first step, and exit in its error handlers. Started without an MPI launcher, none of it does
-anything and mpi4py is never imported.
+Callers: llmc/run.py's setup (called by train_gpt2.py's main) calls init; train_gpt2.py's loop
+calls allreduce_mean, mean and is_main; llmc/run.py calls start_together, check_same_weights
+and exit. Without an MPI launcher none of it does anything and mpi4py is never imported.
 
-- Transport: MPI (mpi4py over any MPI: MPICH, Open MPI) for the handshakes and for gradients in host
-  memory; NCCL (through CuPy) for gradients on GPUs, one GPU per process, as llm.c does. Where NCCL is
-  missing, or two processes share a GPU (which NCCL refuses), the gradients go through host memory over
-  MPI, a slice at a time.
-- Cores: the processes on one machine share its cores, each taking its own slice with as many BLAS
-  threads, instead of each starting a thread per core.
-- Errors: bad input found by any process before training stops every process, with one line from rank 0.
-  A process that dies of an exception prints which rank it was and takes the whole job down (MPI Abort);
-  one killed outright (kill -9, out of memory) is noticed by mpiexec, which ends the others: the rank of
-  each pid is in the "processes:" line that rank 0 prints before the first step.
+- Transport: MPI (mpi4py, over MPICH or Open MPI) for handshakes and host gradients; NCCL
+  (through CuPy) for GPU gradients, one GPU per process, as llm.c. Without NCCL, or when two
+  processes share a GPU (NCCL refuses that), GPU gradients go over MPI through host memory.
+- Cores: processes on one machine split its cores, with as many BLAS threads each.
+- Errors: bad input found by any process before training stops all of them, with one line
+  from rank 0. An uncaught exception prints its rank and aborts the job; a process killed
+  outright is noticed by mpiexec, and rank 0's "processes:" line maps each pid to its rank.
 """
 
 import ctypes
@@ -35,21 +31,21 @@ import zlib
 import numpy as np
 
 MPI_INSTALL = "pip install mpi4py mpich (or just mpi4py, over your system's MPI)"
-SLICE = 1 << 22  # floats (16 MB) per MPI call: MPI's own buffers stay that size, and it measured fastest here
+SLICE = 1 << 22  # floats (16 MB) per MPI call, so MPI's own buffers stay that size
 
-# The environment variables by which MPI launchers tell each process how many there are and which one
-# it is, read before MPI is started (and without mpi4py): size, rank, local size, local rank (on its machine)
+# Launchers' environment variables, read before MPI starts (and without mpi4py):
+# size, rank, local size, local rank (on its machine)
 LAUNCHERS = [
-    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
-    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),  # MPICH's and Intel MPI's mpiexec (Hydra)
-    # PMIx launchers give only the rank; Slurm's srun --mpi=pmix also says how many, and which on its machine
+    # Open MPI
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"),  # MPICH, Intel MPI (Hydra)
+    # PMIx gives only the rank; Slurm's srun --mpi=pmix adds the size and local rank
     ("SLURM_STEP_NUM_TASKS", "PMIX_RANK", None, "SLURM_LOCALID"),
 ]
 
 
 def launched():
-    # (size, rank, local size, local rank) from the launcher's environment, each None where it says
-    # nothing: all None when no MPI launcher started this process
+    # (size, rank, local size, local rank); None where the launcher doesn't say
     for names in LAUNCHERS:
         if names[1] in os.environ:
             return tuple(int(os.environ[name]) if name and os.environ.get(name, "").isdigit() else None
@@ -61,23 +57,22 @@ PROCESSES = None  # what init returned, for exit
 
 
 def init(device="cpu"):
-    # Call first, before any array is made: returns the processes this one belongs to. Under an MPI
-    # launcher with several processes, this starts MPI, takes this process's GPU (by its rank on its
-    # machine) or its share of the machine's cores, and silences the standard output of all but rank 0.
+    # Call before any array is made. With several processes: starts MPI, takes
+    # a GPU (by local rank) or a share of the cores, silences stdout but rank 0's.
     global PROCESSES
     size, rank, local_size, local_rank = launched()
     if rank is None or size == 1:
         PROCESSES = SingleProcess()
         return PROCESSES
-    gpu = pick_gpu(local_rank) if device == "cuda" and local_rank is not None else None  # before MPI starts
+    # before MPI starts
+    gpu = pick_gpu(local_rank) if device == "cuda" and local_rank is not None else None
     try:
         from mpi4py import MPI
     except ImportError:
-        if size is None and not rank:  # a launcher that does not say how many (PMIx alone, outside Slurm):
-            PROCESSES = SingleProcess()  # rank 0 may be the only one
+        if size is None and not rank:  # size unknown (PMIx outside Slurm): rank 0 may be alone
+            PROCESSES = SingleProcess()
             return PROCESSES
-        # every process finds this out on its own: rank 0 alone says it, or, where the launcher did not say
-        # how many there are, each process whose rank shows there are several
+        # every process finds this: rank 0 says it, or any rank > 0 if size is unknown
         started = f"{size} processes" if size else f"several processes (this one is rank {rank})"
         if not rank or size is None:
             print(f"error: mpiexec started {started}, but mpi4py is not installed: {MPI_INSTALL}", file=sys.stderr)
@@ -90,9 +85,8 @@ def init(device="cpu"):
 
 
 def exit(status, reason):
-    # the end of a run that failed with reason (a one-line message): printed once, as "error: reason",
-    # and every process ends with this exit status (see MPIProcesses.exit)
-    if PROCESSES is None:  # an error before init (a bad option): each process has it, init joins them up
+    # a failed run: "error: reason" printed once, every process exits with status
+    if PROCESSES is None:  # an error before init (a bad option): init joins the processes up
         init()
     PROCESSES.exit(status, str(reason))
 
@@ -127,60 +121,57 @@ class MPIProcesses:
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_main = self.rank == 0
-        # the processes on this machine, which share its cores and its GPUs
+        # the processes on this machine, sharing its cores and GPUs
         self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = self.node.Get_rank(), self.node.Get_size()
-        # the errors' own channel: the checks at the end never mix with a collective under way on comm
+        # errors' own channel, so exit's barrier never mixes with a collective on comm
         self.exit_comm = self.comm.Dup()
-        self.started = False  # start_together has passed: every process is training
+        self.started = False  # past start_together: every process is training
         self.nccl = None
         if device == "cuda" and gpu is None:
-            pick_gpu(self.local_rank)  # the launcher didn't say the local rank: MPI just did
-        self.host_slice = None  # with GPUs but no NCCL: the page-locked host memory the gradients go through
+            pick_gpu(self.local_rank)  # the launcher didn't give the local rank; MPI did
+        self.host_slice = None  # GPUs without NCCL: pinned host memory for the gradients
         self.threads = self.share_cores()
         self.places = self.comm.allgather((os.getpid(), socket.gethostname()))
-        # a process that dies of an exception takes the whole job down, saying which rank it was;
-        # without this it would exit while the others wait for it, for ever
+        # an uncaught exception aborts the job, naming its rank, rather than leave
+        # the others waiting for ever
         sys.excepthook = self.excepthook
         if not self.is_main:
-            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors still reach stderr
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; stderr still shows
 
     # ------------------------------------------------------------------------
     # what a training step calls
 
     def allreduce_mean(self, array):
-        # array (the flat gradients) becomes its mean over all processes, in place
+        # the flat gradients become their mean over all processes, in place
         if self.nccl is not None:
             self.allreduce_nccl(array)
         else:
             self.allreduce_mpi(array)
 
     def allreduce_mpi(self, array):
-        # the mean over all processes, in place, through host memory, a slice at a time: MPI sums each
-        # slice, which is divided by the number of processes while it is still in the cache
+        # a slice at a time: MPI sums it, and it is divided while still in the cache
         if isinstance(array, np.ndarray):
             for start in range(0, array.size, SLICE):
                 part = array[start:start + SLICE]
                 self.comm.Allreduce(self.MPI.IN_PLACE, part, op=self.MPI.SUM)
                 part *= 1.0 / self.size
             return
-        # a GPU array, with no NCCL: each slice to the host (page-locked memory, for fast copies), summed
-        # over MPI, and back
+        # a GPU array without NCCL: each slice to pinned host memory, summed, back
         import cupyx
         if self.host_slice is None:
             self.host_slice = cupyx.empty_pinned((SLICE,), dtype=np.float32)
         for start in range(0, array.size, SLICE):
             part = array[start:start + SLICE]
             host = self.host_slice[:part.size]
-            part.get(out=host)  # waits for the copy, and so for the backward pass before it
+            part.get(out=host)  # waits for the copy, and so for the backward pass
             self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
             host *= 1.0 / self.size
             part.set(host)
 
     def allreduce_nccl(self, array):
-        # the mean over all GPUs (NCCL's AVG: the sum, divided as it goes), in place, queued on the stream
-        # that computed the gradients (so it starts when they are done, with no wait on the host); NCCL
-        # moves the data GPU to GPU
+        # NCCL's AVG, in place, GPU to GPU, queued on the gradients' stream:
+        # it starts when they are done, with no wait on the host
         import cupy
         from cupy.cuda import nccl
         assert array.dtype == np.float32 and array.flags.c_contiguous
@@ -188,36 +179,37 @@ class MPIProcesses:
                             cupy.cuda.get_current_stream().ptr)
 
     def mean(self, value):
-        # a number's mean over all processes (the losses): the same result on each
+        # a number's mean over all processes (the losses), the same on each
         return self.comm.allreduce(value, op=self.MPI.SUM) / self.size
 
     # ------------------------------------------------------------------------
     # the start, the end, and the errors
 
     def start_together(self):
-        # Before the first step: every process has read and checked its input. All of them meet here; if
-        # any one found an error (it meets the others in exit instead), all stop with one line, as
-        # they would if every process had found it, rather than some waiting for ever for the others.
+        # Before the first step, inputs checked. All processes meet here; if one
+        # found an error (it meets the others in exit instead), all stop with one
+        # line rather than wait for it for ever.
         self.meet(None)
         self.started = True
         if self.device == "cuda" and self.nccl_possible():
             from cupy.cuda import nccl
-            unique_id = self.comm.bcast(nccl.get_unique_id() if self.is_main else None)  # as llm.c: over MPI
+            # as llm.c: the id goes over MPI
+            unique_id = self.comm.bcast(nccl.get_unique_id() if self.is_main else None)
             self.nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
         print(f"processes: {self.describe()}")
 
     def meet(self, failure):
-        # one meeting of all processes before training: failure is this one's (status, reason), or None
+        # failure: this process's (status, reason), or None
         found = self.comm.allgather((failure, sys.argv[1:]))
         failed = [(rank, theirs) for rank, (theirs, _) in enumerate(found) if theirs]
         options = [argv for _, argv in found]
         if not failed and any(argv != options[0] for argv in options):
-            # not one job: with, say, different --steps, some would wait for ever for the others
+            # not one job: with different --steps, say, some would wait for ever
             other = next(rank for rank, argv in enumerate(options) if argv != options[0])
             failed = [(0, (2, f"the processes were started with different options: rank 0 with "
                               f"'{' '.join(options[0])}', rank {other} with '{' '.join(options[other])}'"))]
         if failed:
-            rank, (status, reason) = failed[0]  # the lowest rank's, the same on every process
+            rank, (status, reason) = failed[0]  # the lowest rank's, the same everywhere
             if self.is_main:
                 print(f"error: {reason}" if rank == 0 else f"error: rank {rank}: {reason}", file=sys.stderr)
             sys.exit(status)
@@ -225,10 +217,9 @@ class MPIProcesses:
     def exit(self, status, reason):
         if not self.started:
             self.meet((status, reason))  # exits
-        # Training had started. An error that every process has at the same point (a non-finite loss:
-        # the losses are global means) is printed by rank 0 once all have got here. A process whose
-        # error is its own (the others are waiting for it in a collective) finds nobody to meet: it
-        # says itself what happened and leaves, and the launcher ends the others.
+        # Training has started. An error all share (a non-finite loss: losses are
+        # global means) is printed by rank 0. A process alone with its error (the
+        # others wait in a collective) prints it itself; the launcher ends the rest.
         if self.is_main:
             print(f"error: {reason}", file=sys.stderr, flush=True)
         everyone = self.exit_comm.Ibarrier()
@@ -239,16 +230,16 @@ class MPIProcesses:
             print(f"error: rank {self.rank}: {reason}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(status)  # not sys.exit: MPI's finalize would wait for processes that never come
+        os._exit(status)  # not sys.exit: MPI's finalize would wait for the missing processes
 
     def excepthook(self, kind, value, traceback):
         sys.__excepthook__(kind, value, traceback)  # the traceback, as without MPI
         print(f"error: rank {self.rank}: {kind.__name__}: {value}", file=sys.stderr, flush=True)
-        time.sleep(0.5)  # MPICH's mpiexec drops what it has not yet passed on when a process aborts
+        time.sleep(0.5)  # MPICH's mpiexec drops unforwarded output when a process aborts
         self.comm.Abort(1)
 
     def check_same_weights(self, params_memory):
-        # At the end: every process should hold the very same weights. Rank 0 prints each one's checksum.
+        # at the end all processes should hold the same weights: compare checksums
         host = params_memory if isinstance(params_memory, np.ndarray) else params_memory.get()
         sums = self.comm.allgather(zlib.crc32(memoryview(np.ascontiguousarray(host)).cast("B")))
         print(f"weights' crc32 on each process: {' '.join(f'{s:08x}' for s in sums)}")
@@ -259,10 +250,10 @@ class MPIProcesses:
     # how the processes share a machine
 
     def share_cores(self):
-        # The processes on one machine that may run on the same cores (no launcher binding told them
-        # apart) each take an equal slice of those cores, and as many BLAS threads: N processes with a
-        # thread per core each would make N times too many threads. Every process uses the same number
-        # of threads: the sums of a dot product depend on it, and the gradient norm must be the same everywhere.
+        # Processes on the same cores (not bound apart by the launcher) split them,
+        # with a BLAS thread per core: not N threads per core. All use the same
+        # thread count, as dot products' sums depend on it and the gradient norm
+        # must match everywhere.
         if not hasattr(os, "sched_getaffinity"):
             return None
         mine = sorted(os.sched_getaffinity(0))
@@ -270,12 +261,13 @@ class MPIProcesses:
         share = len(mine) // len(sharing)
         if share >= 1 and len(sharing) > 1:
             part = sharing.index(self.local_rank)
-            os.sched_setaffinity(0, mine[part * share:(part + 1) * share])  # train_gpt2.usable_cpus() sees this
+            # llmc.cpu.usable_cpus() sees this
+            os.sched_setaffinity(0, mine[part * share:(part + 1) * share])
         threads = self.comm.allreduce(max(1, share), op=self.MPI.MIN)
         return threads if set_blas_threads(threads) else None
 
     def nccl_possible(self):
-        # NCCL, if CuPy has it and every process has a GPU of its own (the same on all processes)
+        # whether CuPy has NCCL and each process its own GPU (same answer everywhere)
         try:
             import cupy
             from cupy.cuda import nccl
@@ -286,8 +278,8 @@ class MPIProcesses:
         return None not in gpus and len(set(gpus)) == len(gpus)
 
     def describe(self):
-        # one line: how many, which MPI, how the gradients travel, where each rank runs (the pids name the
-        # rank in mpiexec's message when one is killed)
+        # one line: how many, which MPI, how gradients travel, each rank's pid and
+        # host (to name the rank when mpiexec reports a pid killed)
         library = " ".join(self.MPI.Get_library_version().splitlines()[0].split(",")[0].replace("Version:", "").split())
         import mpi4py
         how = ("NCCL (GPU to GPU)" if self.nccl is not None else
@@ -304,8 +296,8 @@ def plural(n, noun):
 
 
 def pick_gpu(local_rank):
-    # this process's GPU, by its rank on its machine (several processes share a GPU when there are more
-    # of them than GPUs); None without CuPy or a GPU (train_gpt2.use_device then says why, on every process)
+    # this process's GPU by local rank (shared if processes outnumber GPUs);
+    # None without CuPy or a GPU (train_gpt2.use_device then says why)
     try:
         import cupy
         count = cupy.cuda.runtime.getDeviceCount()
@@ -318,8 +310,8 @@ def pick_gpu(local_rank):
 
 
 def set_blas_threads(n):
-    # OpenBLAS (NumPy's wheels bundle it, its names prefixed) started a thread per core when NumPy was
-    # loaded: tell it how many to use from now on. False where there is no OpenBLAS to tell.
+    # NumPy's OpenBLAS (prefixed names in wheels) started a thread per core on
+    # import: set how many to use. False without OpenBLAS.
     if not os.path.exists("/proc/self/maps"):
         return False
     with open("/proc/self/maps") as maps:
