@@ -172,17 +172,20 @@ def test_bf16_arrays_and_what_stays_float32():
         tg.gpt2_forward(model, tokens[:, :-1], tokens[:, 1:])
         logits, probs = model.acts["logits"], model.acts["probs"]
         tg.gpt2_backward(model)
-        before = model.weights_memory.copy()
+        before = {name: w.copy() for name, w in model.weights.items()}
         tg.gpt2_update(model, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
         # master weights, gradients, AdamW's moments and the probabilities: float32; the rest bfloat16
         for array in (model.params_memory, model.grads_memory, model.m_memory, model.v_memory, probs):
             assert array.dtype == np.float32
-        for array in (model.weights_memory, logits):
+        for array in (*model.weights.values(), logits):
             assert array.dtype == ml_dtypes.bfloat16
         # the update made a new bfloat16 copy of the new weights, each rounded to nearest
-        assert not bool((model.weights_memory.view(np.uint16) == before.view(np.uint16)).all())
-        expected = tg.to_host(model.params_memory).astype(ml_dtypes.bfloat16)
-        assert (tg.to_host(model.weights_memory).view(np.uint16) == expected.view(np.uint16)).all()
+        assert set(model.weights) == set(model.params)
+        assert not all(bool((model.weights[name].view(np.uint16) == before[name].view(np.uint16)).all())
+                       for name in model.weights)
+        for name, weight in model.weights.items():
+            expected = tg.to_host(model.params[name]).astype(ml_dtypes.bfloat16)
+            assert (tg.to_host(weight).view(np.uint16) == expected.view(np.uint16)).all(), name
         assert "bf16" in device.describe_device()
 
 
