@@ -1,6 +1,6 @@
 """
-Compile every CUDA kernel of cuda_layers.py with NVIDIA's runtime compiler, NVRTC, as CuPy will on a
-GPU, but without one: each kernel source, for each activation dtype (float32, bfloat16) and each GPU
+Compile every CUDA kernel of llmc/cuda_layers.py and llmc/flash_attention.py with NVIDIA's runtime
+compiler, NVRTC, as CuPy will on a GPU, but without one: each kernel source, for each activation dtype (float32, bfloat16) and each GPU
 architecture asked for. Prints what ptxas says of each kernel: registers per thread, bytes spilled
 to local memory, static shared memory, and for the flash attention kernels (the ones with many
 registers), how many of their 128-thread blocks that leaves room for on one multiprocessor (the
@@ -28,8 +28,8 @@ where the headers lack crt/mma.h, the flash sources are compiled as compile_flas
 with an installed toolkit's headers of NVRTC's CUDA version first.
 The AdamW ElementwiseKernel is not here: CuPy writes its source, from CuPy's own headers.
 
-Without CuPy, cuda_layers.py is imported through the CPU simulation in tests/cudasim, which gives it
-the names it needs at import; only the kernel sources are used.
+Without CuPy, those modules are imported through the CPU simulation in tests/cudasim, which gives
+them the names they need at import; only the kernel sources are used.
 """
 
 import argparse
@@ -46,31 +46,33 @@ SM_LIMITS = {"80": (65536, 164 * 1024, 32, 2048), "86": (65536, 100 * 1024, 16, 
              "89": (65536, 100 * 1024, 24, 1536), "90": (65536, 228 * 1024, 32, 2048)}
 
 
-def import_cuda_layers():
-    # cuda_layers.py imports CuPy at the top; without it, the simulation gives it what it needs
+def import_kernel_modules():
+    # llmc's GPU modules: (cuda_common, flash_attention, cuda_layers). They import CuPy at the top;
+    # without it, the simulation gives them what they need
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     try:
         import cupy  # noqa: F401
     except ImportError:
         sys.path.insert(0, os.path.join(ROOT, "tests", "cudasim"))
-    from llmc import cuda_layers
-    return cuda_layers
+    from llmc import cuda_common, cuda_layers, flash_attention
+    return cuda_common, flash_attention, cuda_layers
 
 
 # the name of each kernel a CUDA source defines
 KERNEL_NAME = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
 
 
-def kernel_sources(cuda_layers):
-    # every kernel source of cuda_layers.py: its module-level strings that define a __global__ function,
-    # by name, with the kernels each defines
-    sources = {}
-    for name, value in sorted(vars(cuda_layers).items()):
-        if isinstance(value, str) and "__global__" in value:
-            kernels = KERNEL_NAME.findall(value)
-            sources[name] = (value, kernels)
-    return sources
+def kernel_sources(modules):
+    # every kernel source of the modules: their module-level strings that define a __global__
+    # function, by name (in order), with the kernels each defines
+    found = {}
+    for module in modules:
+        for name, value in vars(module).items():
+            if isinstance(value, str) and "__global__" in value:
+                assert found.get(name, value) == value, f"two kernel sources named {name}"
+                found[name] = value
+    return {name: (value, KERNEL_NAME.findall(value)) for name, value in sorted(found.items())}
 
 
 def _nvidia_dirs():
@@ -178,26 +180,26 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=
     # given; returns ((whose, options), rows, errors): a row per kernel, (arch, dtype, source, kernel,
     # regs, spill stores, spill loads, smem), and a line per failure (a source that does not compile,
     # a warning, a kernel ptxas did not report)
-    cuda_layers = import_cuda_layers()
+    cuda_common, flash_attention, _ = modules = import_kernel_modules()
     if nvrtc is None:
         path = find_nvrtc()
         if path is None:
             raise RuntimeError("no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc")
         nvrtc = NVRTC(path)
     whose, base_options = compiler_options(include)
-    sources = {name: source for name, source in kernel_sources(cuda_layers).items()
+    sources = {name: source for name, source in kernel_sources(modules).items()
                if not only or only.lower() in name.lower()}
     # as compile_flash_attention does where CuPy's headers lack WMMA's crt/mma.h: a CUDA toolkit's
     # headers of this NVRTC's version first (not where --include chose the headers)
-    toolkit = cuda_layers._cuda_toolkit_include(nvrtc.major) if include is None else None
+    toolkit = flash_attention._cuda_toolkit_include(nvrtc.major) if include is None else None
     rows, errors = [], []
     for arch in arches:
         for dtype in dtypes:
             for name, (source, kernels) in sources.items():
                 options = base_options + [f"-arch=sm_{arch}", "-Xptxas", "-v"]
-                ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, options)
+                ok, log = nvrtc.compile(cuda_common._FLOATX[dtype] + source, options)
                 if not ok and '"crt/mma.h"' in log and toolkit:
-                    ok, log = nvrtc.compile(cuda_layers._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
+                    ok, log = nvrtc.compile(cuda_common._FLOATX[dtype] + source, [f"-I{toolkit}"] + options)
                     print(f"note: {name} ({dtype}, sm_{arch}) needs crt/mma.h: compiled with {toolkit} first")
                 if not ok:
                     errors.append(f"{name} ({dtype}, sm_{arch}) does not compile:\n{log.strip()}")
@@ -220,7 +222,7 @@ def fail(message):
 
 def main():
     parser = argparse.ArgumentParser(
-        description="Compile every CUDA kernel of cuda_layers.py with NVRTC, as CuPy would, without a GPU.",
+        description="Compile every CUDA kernel of llmc's GPU modules with NVRTC, as CuPy would, without a GPU.",
         epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["80", "90"], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -243,10 +245,11 @@ def main():
     if args.include and not os.path.exists(os.path.join(args.include, "cuda_bf16.h")):
         fail(f"--include {args.include} has no cuda_bf16.h: expected a CUDA include directory")
     try:
-        cuda_layers = import_cuda_layers()
+        modules = import_kernel_modules()
     except ImportError as e:  # no CuPy, and the simulation needs g++ and ml_dtypes
-        fail(f"cannot import cuda_layers.py for its kernel sources ({e})")
-    names = list(kernel_sources(cuda_layers))
+        fail(f"cannot import llmc's GPU modules for their kernel sources ({e})")
+    flash_attention = modules[1]
+    names = list(kernel_sources(modules))
     if args.only and not any(args.only.lower() in name.lower() for name in names):
         fail(f"--only {args.only}: no kernel source's name contains it (they are {', '.join(names)})")
     (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc, args.include)
@@ -255,8 +258,8 @@ def main():
     spills = 0
     for arch, dtype, _, kernel, regs, spill_st, spill_ld, smem in rows:
         fit = None
-        if kernel in cuda_layers.FLASH_KERNELS and kernel != "flash_attention_delta_kernel":  # (4 warps a block)
-            fit = blocks_per_sm(arch, cuda_layers.FLASH_WARPS * 32, regs, smem)
+        if kernel in flash_attention.FLASH_KERNELS and kernel != "flash_attention_delta_kernel":  # (4 warps a block)
+            fit = blocks_per_sm(arch, flash_attention.FLASH_WARPS * 32, regs, smem)
         print(f"sm_{arch:3s} {dtype:9s} {kernel:42s} {regs:5d} {f'{spill_st}/{spill_ld}':>12s} {smem:7d} "
               f"{'-' if fit is None else fit:>9}")
         spills += spill_st > 0 or spill_ld > 0

@@ -3,7 +3,7 @@
 A fused function must be a drop-in for the plain layer of the same name: the same results, shapes
 and in-place writes. Each test runs the plain layer with NumPy on the CPU and the fused one with
 CuPy on the GPU, on the same random float32 inputs, on awkward shapes: T = 1, T and C that are not
-multiples of any block size, odd head sizes. Matrix products use full fp32 here (set_tf32(False)),
+multiples of any block size, odd head sizes. Matrix products use full fp32 here (no TF32),
 so the two may differ only by float32 rounding in another order: we measure the error against the
 size of the whole tensor (its norm). One attention test runs with TF32, at a TF32 tolerance.
 
@@ -23,7 +23,9 @@ if not _gpu:
     pytest.skip(_why, allow_module_level=True)
 
 import cupy  # noqa: E402 (only with a GPU)
+from llmc import cuda_common as cc  # noqa: E402
 from llmc import cuda_layers as cl  # noqa: E402
+from llmc import flash_attention as fa  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 RTOL = 1e-5  # float32 reassociation: the sums add the same terms in another order
@@ -42,12 +44,14 @@ def plain(name):
 @pytest.fixture(autouse=True)
 def numpy_plain_layers_and_fp32_matmuls(monkeypatch):
     monkeypatch.setattr(tg, "xp", np, raising=False)  # the plain layers compute with NumPy, on the CPU
-    was = cl.tf32_enabled(), cl.floatX
-    cl.set_tf32(False)
-    cl.set_dtype(np.float32)  # (a bf16 run before, in this process, may have left bfloat16)
+    was = cc.tf32_enabled(), cc.floatX(), cc.attention_form()
+    cc.set_tf32(False)
+    cc.set_dtype(np.float32)  # (a bf16 run before, in this process, may have left bfloat16)
+    cc.set_attention("blocked")
     yield
-    cl.set_tf32(was[0])
-    cl.set_dtype(was[1])
+    cc.set_tf32(was[0])
+    cc.set_dtype(was[1])
+    cc.set_attention(was[2])
 
 
 @pytest.fixture
@@ -217,8 +221,8 @@ def test_attention_in_blocks(rng, monkeypatch, block, B, T, C, NH):
 @pytest.fixture
 def tf32():
     # TF32 tensor cores for the matrix products (the autouse fixture puts the setting back after)
-    cl.set_tf32(True)
-    if not cl.tf32_enabled():
+    cc.set_tf32(True)
+    if not cc.tf32_enabled():
         pytest.skip("this GPU has no TF32 tensor cores (compute capability below 8.0)")
 
 
@@ -320,17 +324,55 @@ def test_adamw(rng, shape, weight_decay):
 
 def test_set_tf32_sets_cupys_matmul_too():
     from cupy._core import _routines_linalg
-    cl.set_tf32(True)
-    if cl.tf32_enabled():  # (compute capability 8.0 or later)
+    cc.set_tf32(True)
+    if cc.tf32_enabled():  # (compute capability 8.0 or later)
         assert cupy._core.get_compute_type(cupy.float32) == _routines_linalg.COMPUTE_TYPE_TF32
-    cl.set_tf32(False)
-    assert not cl.tf32_enabled()
+    cc.set_tf32(False)
+    assert not cc.tf32_enabled()
     assert cupy._core.get_compute_type(cupy.float32) == _routines_linalg.COMPUTE_TYPE_DEFAULT
 
 
 def test_device_description():
     line = cl.device_description()
     assert "\n" not in line and "compute capability" in line and f"CuPy {cupy.__version__}" in line
+
+
+def test_configure_chooses_the_settings_that_describe_and_attention_bytes_report():
+    assert cl.configure(tf32=False) == np.float32
+    assert (cc.tf32_enabled(), cc.floatX(), cc.attention_form()) == (False, np.float32, "blocked")
+    assert cl.describe(True) == f"{cl.device_description()}; fused kernels; fp32, fp32 matmuls"
+    assert cl.describe(False) == f"{cl.device_description()}; plain layers; fp32, fp32 matmuls"
+    assert cl.attention_bytes(8, 12, 1024) == 4 * 2 * 8 * 12 * 1024 * 1024  # the blocked form's preatt and datt
+    cl.configure(tf32=True)
+    if cc.tf32_enabled():
+        assert cl.describe(True).endswith("; fused kernels; fp32, TF32 matmuls")
+
+
+def test_configure_flash_compiles_the_flash_kernels_first(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(cl, "compile_flash_attention", compiled.append)
+    assert cl.configure(attention="flash") == np.float32
+    assert compiled == [np.float32] and cc.attention_form() == "flash"
+    assert cl.describe(True).split("; ")[-2] == "fused kernels (flash attention where it applies)"
+    assert cl.attention_bytes(8, 12, 1024) == 0  # (flash keeps its tiles on chip)
+
+
+def test_configure_errors_name_the_option(monkeypatch):
+    # the whole error line, as train_gpt2 prints it
+    def fail(*args):
+        raise RuntimeError("the flash attention kernels do not compile here (mma.h: no such file)")
+    monkeypatch.setattr(cl, "compile_flash_attention", fail)
+    with pytest.raises(RuntimeError, match=r"^--attention flash: the flash attention kernels do not compile here "
+                                           r"\(mma.h: no such file\); use --attention blocked$"):
+        cl.configure(attention="flash")
+    monkeypatch.setattr(cl, "bfloat16", fail)
+    with pytest.raises(RuntimeError, match=r"^--dtype bf16: the flash attention kernels do not compile here"):
+        cl.configure(dtype="bf16")
+
+
+def test_free_memory_and_synchronize():
+    assert cl.free_memory() > 0
+    cl.synchronize()
 
 
 # ----------------------------------------------------------------------------
@@ -343,7 +385,7 @@ MATMUL_CASES = [(2, 37, 48, 144, True), (1, 1, 24, 7, True), (3, 65, 45, 180, Fa
 
 @pytest.mark.parametrize("B, T, C, OC, bias", MATMUL_CASES)
 def test_matmul_backward(rng, B, T, C, OC, bias):
-    cl.set_tf32(False)
+    cc.set_tf32(False)
     inp, weight, dout = randn(rng, B, T, C), randn(rng, OC, C), randn(rng, B, T, OC)
     b = randn(rng, OC) if bias else None
     _, cache = tg.matmul_forward(inp, weight, b)
@@ -532,7 +574,7 @@ def check_attention_bf16(rng, B, T, C, NH):
 @bf16_only
 def test_softmax_and_crossentropy_bf16(rng):
     # bfloat16 logits in, float32 probabilities out; dlogits (the classifier's matmul_backward input) bfloat16
-    cl.set_dtype(bfloat16)  # (the autouse fixture puts float32 back)
+    cc.set_dtype(bfloat16)  # (the autouse fixture puts float32 back)
     B, T, V, Vp = 2, 5, 333, 384
     logits = round_bf16(randn(rng, B, T, Vp, scale=3.0))
     dlosses, targets = randn(rng, B, T), rng.integers(0, V, size=(B, T))
@@ -546,35 +588,35 @@ def test_softmax_and_crossentropy_bf16(rng):
 
 
 # ----------------------------------------------------------------------------
-# flash attention (cl.ATTENTION_KERNEL = "flash"): head size 64, T a multiple of 64, tensor cores
+# flash attention (configure(attention="flash")): head size 64, T a multiple of 64, tensor cores
 
 FLASH_SHAPES = [(2, 64, 128, 2), (1, 192, 192, 3), (2, 128, 64, 1)]
 FLASH_IDS = [f"B{B}-T{T}-C{C}-NH{NH}" for B, T, C, NH in FLASH_SHAPES]
 
 
 @pytest.fixture
-def flash(monkeypatch):
-    monkeypatch.setattr(cl, "ATTENTION_KERNEL", "flash")
+def flash():
+    cc.set_attention("flash")  # (the autouse fixture puts the blocked form back)
 
 
 @pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
 def test_flash_attention_tf32(rng, flash, tf32, B, T, C, NH):
-    assert check_attention(rng, B, T, C, NH, RTOL_TF32)[0] == "flash"  # (not the blocked form)
+    assert isinstance(check_attention(rng, B, T, C, NH, RTOL_TF32), fa.FlashCache)  # (not the blocked form)
 
 
 @bf16_only
 @pytest.mark.parametrize("B, T, C, NH", FLASH_SHAPES, ids=FLASH_IDS)
 def test_flash_attention_bf16(rng, flash, B, T, C, NH):
-    assert check_attention_bf16(rng, B, T, C, NH)[0] == "flash"
+    assert isinstance(check_attention_bf16(rng, B, T, C, NH), fa.FlashCache)
 
 
 def test_flash_attention_falls_back_to_the_blocked_form(rng, flash):
     # a head size other than 64, T not a multiple of 64, or full fp32 (no TF32): the blocked form
     for B, T, C, NH, tf32 in [(2, 65, 128, 2, True), (2, 64, 96, 3, True), (2, 64, 128, 2, False)]:
-        cl.set_tf32(tf32)
+        cc.set_tf32(tf32)
         inp = randn(rng, B, T, 3 * C)
         out_gpu, cache_gpu = cl.attention_forward(cupy.asarray(inp), NH)
-        assert not isinstance(cache_gpu[0], str)
+        assert isinstance(cache_gpu, cl.BlockedCache)
         assert_close(out_gpu, plain("attention_forward")(inp, NH)[0], RTOL_TF32)
 
 
@@ -603,14 +645,14 @@ def fake_toolkit(root, version):
 def test_flash_kernels_take_a_cuda_toolkits_headers_where_cupys_lack_wmmas(monkeypatch, tmp_path):
     fake_toolkit(tmp_path, 13000)
     monkeypatch.setenv("CUDA_PATH", str(tmp_path))
-    monkeypatch.setattr(cl, "_nvrtc_major", lambda: 13)
-    monkeypatch.setattr(cl, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
-    monkeypatch.setattr(cl, "_flash_options", ())
+    monkeypatch.setattr(fa, "_nvrtc_major", lambda: 13)
+    monkeypatch.setattr(fa, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
+    monkeypatch.setattr(fa, "_flash_options", ())
     monkeypatch.setattr(_FlashKernel, "compiled", [])
-    cl.compile_flash_attention(np.float32)
+    fa.compile_flash_attention(np.float32)
     include = f"-I{tmp_path / 'include'}"
-    assert cl._flash_options == (include,)  # what the flash launches pass from now on
-    assert _FlashKernel.compiled == [()] + [(include,)] * len(cl.FLASH_KERNELS)
+    assert fa._flash_options == (include,)  # what the flash launches pass from now on
+    assert _FlashKernel.compiled == [()] + [(include,)] * len(fa.FLASH_KERNELS)
 
 
 def test_a_cuda_toolkit_of_another_version_is_not_taken(monkeypatch, tmp_path):
@@ -618,23 +660,23 @@ def test_a_cuda_toolkit_of_another_version_is_not_taken(monkeypatch, tmp_path):
     fake_toolkit(tmp_path / "cuda-12", 12080)
     monkeypatch.setenv("CUDA_PATH", str(tmp_path / "cuda-12"))
     monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.setattr(cl.shutil, "which", lambda name: None)
-    monkeypatch.setattr(cl.os.path, "exists", lambda path, exists=os.path.exists: exists(path) and
+    monkeypatch.setattr(fa.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fa.os.path, "exists", lambda path, exists=os.path.exists: exists(path) and
                         not path.startswith("/usr/local/cuda"))
-    monkeypatch.setattr(cl, "_nvrtc_major", lambda: 13)
-    assert cl._cuda_toolkit_include() is None
-    monkeypatch.setattr(cl, "_nvrtc_major", lambda: 12)
-    assert cl._cuda_toolkit_include() == str(tmp_path / "cuda-12" / "include")
+    monkeypatch.setattr(fa, "_nvrtc_major", lambda: 13)
+    assert fa._cuda_toolkit_include() is None
+    monkeypatch.setattr(fa, "_nvrtc_major", lambda: 12)
+    assert fa._cuda_toolkit_include() == str(tmp_path / "cuda-12" / "include")
 
 
 def test_flash_kernels_without_wmmas_header_are_one_error_that_names_the_wheel(monkeypatch):
-    monkeypatch.setattr(cl, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
-    monkeypatch.setattr(cl, "_cuda_toolkit_include", lambda: None)  # no CUDA toolkit installed
-    monkeypatch.setattr(cl, "_flash_options", ())
+    monkeypatch.setattr(fa, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
+    monkeypatch.setattr(fa, "_cuda_toolkit_include", lambda: None)  # no CUDA toolkit installed
+    monkeypatch.setattr(fa, "_flash_options", ())
     with pytest.raises(RuntimeError, match=r'^the flash attention kernels do not compile here \(.*error.*"crt/mma.h"; '
                                            r".*pip install nvidia-cuda-crt"):
-        cl.compile_flash_attention(np.float32)
-    assert cl._flash_options == ()
+        fa.compile_flash_attention(np.float32)
+    assert fa._flash_options == ()
 
 
 def test_flash_attention_reads_a_misaligned_view_through_an_aligned_copy(rng, flash, tf32):
@@ -648,7 +690,7 @@ def test_flash_attention_reads_a_misaligned_view_through_an_aligned_copy(rng, fl
     assert inp_view.data.ptr % 32 == 16 and dout_view.data.ptr % 32 == 16
     out, cache = cl.attention_forward(cupy.asarray(inp), NH)
     out_view, cache_view = cl.attention_forward(inp_view, NH)
-    assert cache_view[0] == "flash"
+    assert isinstance(cache_view, fa.FlashCache)
     assert (out_view.get() == out.get()).all()
     dinp = cl.attention_backward(cupy.asarray(dout), cache)
     assert (cl.attention_backward(dout_view, cache_view).get() == dinp.get()).all()

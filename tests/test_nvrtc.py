@@ -1,4 +1,4 @@
-"""Every CUDA kernel of cuda_layers.py through NVIDIA's own compiler (NVRTC, with -arch=sm_80 and sm_90,
+"""Every CUDA kernel of llmc/cuda_layers.py and llmc/flash_attention.py through NVIDIA's own compiler (NVRTC, with -arch=sm_80 and sm_90,
 as CuPy compiles them on an A100 or an H100), without a GPU: dev/check_kernels.py. The CPU simulation
 (tests/cudasim) checks what the kernels compute, with g++; this checks that NVRTC takes them, with
 CUDA's real bfloat16 and WMMA headers, and that ptxas needs no local memory for their registers.
@@ -24,17 +24,18 @@ NVRTC, INCLUDE = check_kernels.find_nvrtc(), check_kernels.find_include()
 pytestmark = [
     pytest.mark.skipif(NVRTC is None or INCLUDE is None, reason="needs NVRTC and the CUDA headers: "
                        "pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt"),
-    # (without CuPy, cuda_layers.py is imported through the simulation, which needs g++ and ml_dtypes)
+    # (without CuPy, llmc's GPU modules are imported through the simulation, which needs g++ and ml_dtypes)
     pytest.mark.skipif(importlib.util.find_spec("cupy") is None and (
         shutil.which("g++") is None or importlib.util.find_spec("ml_dtypes") is None),
-        reason="imports cuda_layers.py through tests/cudasim without CuPy, which needs g++ and ml_dtypes"),
+        reason="imports llmc's GPU modules through tests/cudasim without CuPy, which needs g++ and ml_dtypes"),
 ]
 
 SCRIPT = os.path.join(ROOT, "dev", "check_kernels.py")
+KERNEL_FILES = [os.path.join(ROOT, "llmc", name) for name in ("cuda_layers.py", "flash_attention.py")]
 
 
 def check(*args, code=None):
-    # dev/check_kernels.py in a process of its own (without CuPy it imports cuda_layers.py through the
+    # dev/check_kernels.py in a process of its own (without CuPy it imports llmc's GPU modules through the
     # simulation, which must not leak into this one), or `code` run after importing it
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.join(ROOT, "dev"),
                                                                    os.environ.get("PYTHONPATH")) if p))
@@ -47,7 +48,10 @@ def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills()
     assert result.returncode == 0, result.stdout + result.stderr
     rows = re.findall(r"^sm_(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)/(\d+)", result.stdout, re.M)
     # every kernel named in a source, once per (arch, dtype): a check that found nothing would say nothing
-    names = set(check_kernels.KERNEL_NAME.findall(open(os.path.join(ROOT, "llmc", "cuda_layers.py")).read()))
+    names = set()
+    for path in KERNEL_FILES:
+        with open(path) as f:
+            names |= set(check_kernels.KERNEL_NAME.findall(f.read()))
     assert len(names) >= 17 and "flash_attention_backward_dkdv_kernel" in names
     for arch in ("80", "90"):
         for dtype in ("float32", "bfloat16"):
@@ -58,9 +62,10 @@ def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills()
 
 def check_patched(patch, only):
     # (rows, errors) of check_kernels.check on sm_90 in float32, for the sources named like `only`, in a
-    # process of its own, after `patch` (a line of Python, with cuda_layers as cl) has changed a source
+    # process of its own, after `patch` (a line of Python, with cuda_layers as cl and flash_attention as
+    # fa) has changed a source
     code = ("import check_kernels\n"
-            "cl = check_kernels.import_cuda_layers()\n"
+            "_, fa, cl = check_kernels.import_kernel_modules()\n"
             f"{patch}\n"
             f"print(repr(check_kernels.check(('90',), ('float32',), only={only!r})[1:]))\n")
     result = check(code=code)
@@ -78,7 +83,7 @@ def test_a_kernel_that_does_not_compile_is_an_error():
 def test_spilled_registers_are_seen():
     # a kernel that needs more registers than __launch_bounds__ leaves it spills to local memory
     rows, errors = check_patched(
-        "cl._FLASH_SRC = cl._FLASH_SRC.replace('void flash_attention_backward_dkdv_kernel', "
+        "fa._FLASH_SRC = fa._FLASH_SRC.replace('void flash_attention_backward_dkdv_kernel', "
         "'void __launch_bounds__(128, 4) flash_attention_backward_dkdv_kernel')", "flash")
     assert errors == []
     assert [kernel for _, _, _, kernel, _, spill_stores, *_ in rows if spill_stores > 0] == \

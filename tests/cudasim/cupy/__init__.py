@@ -1,5 +1,5 @@
 """
-A CPU simulation of the parts of CuPy that cuda_layers.py uses, so that its CUDA kernels can be
+A CPU simulation of the parts of CuPy that llmc's GPU modules use, so that their CUDA kernels can be
 tested without a GPU (CI has none): `CUDASIM=1 python -m pytest tests/test_cuda_layers.py`.
 
 tests/conftest.py puts this folder first on the module path when CUDASIM=1, so `import cupy` finds

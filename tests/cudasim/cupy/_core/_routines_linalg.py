@@ -1,7 +1,7 @@
 """CuPy's per-dtype compute type of its matmul (recorded only: the simulation's `@` is NumPy's)."""
 import numpy
 
-COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_TF32 = 1, 7  # (CuPy's values; the two cuda_layers uses)
+COMPUTE_TYPE_DEFAULT, COMPUTE_TYPE_TF32 = 1, 7  # (CuPy's values; the two cuda_common.set_tf32 uses)
 _types = {}
 
 
