@@ -85,6 +85,9 @@ def read_debug_state(path, config):
             raise tg.InputError(f"{path}: file is {actual_size} bytes, but B={B}, T={T} and the checkpoint's "
                                 f"shape (V={V}, {n} parameters) imply {expected_size}: "
                                 f"is it the debug state of this checkpoint?")
+        if T > config.max_seq_len:
+            raise tg.InputError(f"{path}: its batch has T={T} positions, more than the checkpoint's max_seq_len "
+                                f"{config.max_seq_len}: is it the debug state of this checkpoint?")
         x = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
         y = np.fromfile(f, dtype="<i4", count=B * T).reshape(B, T)
         logits = np.fromfile(f, dtype="<f4", count=B * T * V).reshape(B, T, V)
@@ -97,10 +100,12 @@ def read_expected_losses(path):
     try:
         with open(path) as f:
             losses = json.load(f)["losses"]
-        if len(losses) != 10 or not all(isinstance(v, (int, float)) for v in losses):
+        # (bool is an int to Python, and JSON's NaN and Infinity are floats: neither is a loss)
+        if len(losses) != 10 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v) for v in losses):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError):
-        raise tg.InputError(f"{path}: expected a JSON file {{\"losses\": [10 numbers]}}") from None
+        raise tg.InputError(f"{path}: expected a JSON file {{\"losses\": [10 finite numbers]}}") from None
     return [float(v) for v in losses]
 
 

@@ -537,7 +537,9 @@ def sample_token(logits, V, rng_state, temperature=1.0, top_k=0):
     # of a --dtype bf16 forward become float32 first (CuPy 14 cannot sort, so partition, bfloat16).
     logits = logits[:V].astype(np.float32, copy=False)
     if temperature != 1.0:
-        logits = logits / temperature  # (V,)
+        # the max first: a tiny temperature then gives 0 for the top logit and -inf for the rest
+        # (greedy sampling) instead of overflowing
+        logits = (logits - logits.max()) / temperature  # (V,)
     if top_k:
         kth_largest = xp.partition(logits, V - top_k)[V - top_k]
         logits = xp.where(logits >= kth_largest, logits, -math.inf)  # (V,) the rest: probability 0

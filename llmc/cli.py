@@ -4,6 +4,7 @@ option in its range, every output writable, the run within the memory there is.
 """
 
 import argparse
+import math
 import os
 
 from llmc.device import CUPY_INSTALL, available_memory, training_memory
@@ -88,11 +89,21 @@ def parse_args(depths, argv=None):
             raise InputError(f"--{name.replace('_', '-')} must not be negative, not {getattr(args, name)}")
     if not 0.0 <= args.lr_min_frac <= 1.0:
         raise InputError(f"--lr-min-frac must be between 0 and 1, not {args.lr_min_frac}")
+    check_numbers(args)
     if args.save_every and not (args.output_dir or args.resume):
         raise InputError("--save-every needs --output-dir (where to save)")
     return args
 
 
+def check_numbers(args):
+    # floats must be finite (argparse takes "nan" and "inf"), and in their range
+    for name in ("lr", "weight_decay", "grad_clip", "temperature"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+    # the sampler's xorshift state is 64 bits and never 0 (it would stay 0), as llm.c's
+    if not 0 < args.seed < 2**64:
+        raise InputError(f"--seed must be between 1 and 2**64 - 1, not {args.seed}")
 
 
 def check_output_path(option, path, folder=False):
