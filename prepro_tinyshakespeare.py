@@ -147,10 +147,11 @@ def main(args):
             download(args.url, text_path)
     # tokenize everything before writing anything, so bad input leaves no output
     tokens = tokenize(read_text(text_path))
+    if len(tokens) <= VAL_TOKENS:  # (llm.c's script writes an empty training file then)
+        raise PreproError(f"{text_path}: {len(tokens):,} tokens, too few for both splits: the first "
+                          f"{VAL_TOKENS:,} are validation and training needs at least one more", 2)
     make_output_dir(args.output_dir)
     write_datafile(os.path.join(args.output_dir, "tiny_shakespeare_val.bin"), tokens[:VAL_TOKENS])
-    # a text shorter than the validation split gives an empty training file (header, no
-    # tokens), as llm.c's script does
     write_datafile(os.path.join(args.output_dir, "tiny_shakespeare_train.bin"), tokens[VAL_TOKENS:])
 
 

@@ -4,6 +4,7 @@ that lets a run resume exactly. Each starts with a header of 256 int32 (the run 
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -150,12 +151,16 @@ def read_run_state(path, num_parameters):
 
 
 def latest_checkpoint(run_dir):
-    # the most steps for which both model_<steps>.bin and state_<steps>.bin exist (or None);
-    # temporary files of an interrupted write end in .tmp.<pid> and don't match
+    # the most steps for which both model_<steps>.bin and state_<steps>.bin are files (or None).
+    # Only the names this trainer writes count: no leading zeros, ASCII digits (temporary files of
+    # an interrupted write end in .tmp.<pid>, and look-alikes such as state_007.bin are ignored)
     if not os.path.isdir(run_dir):
         raise InputError(f"--resume {run_dir}: not a directory")
     names = set(os.listdir(run_dir))
-    steps = [int(name[6:-4]) for name in names
-             if name.startswith("state_") and name.endswith(".bin") and name[6:-4].isdigit()
-             and f"model_{int(name[6:-4])}.bin" in names]
+    steps = [int(match[1]) for match in map(CHECKPOINT_NAME.fullmatch, names) if match
+             and match[0].startswith("state_") and f"model_{match[1]}.bin" in names
+             and all(os.path.isfile(os.path.join(run_dir, f"{kind}_{match[1]}.bin")) for kind in ("model", "state"))]
     return max(steps, default=None)
+
+
+CHECKPOINT_NAME = re.compile(r"(?:model|state)_(0|[1-9][0-9]*)\.bin", re.ASCII)

@@ -57,3 +57,22 @@ def test_expected_losses_of_the_wrong_kind_are_one_line(tmp_path, losses):
     path.write_text('{"losses": %s}' % losses)
     result = run("test_gpt2.py", "--checkpoint", MODEL, "--state", STATE, "--expected-losses", str(path))
     assert_one_error_line(result, "10 finite numbers")
+
+
+# 11. resume folders: only the names this trainer writes count
+
+def test_resume_ignores_look_alikes(tmp_path):
+    from llmc.formats import latest_checkpoint
+    for name in ("model_3.bin", "state_3.bin", "model_7.bin", "state_007.bin", "model_².bin", "state_².bin",
+                 "model_9.bin", "state_9.bin.tmp.12", "model_10.bin", "model_11.bin"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "state_10.bin").mkdir()  # a folder is not a run state
+    (tmp_path / "state_11.bin").symlink_to(tmp_path / "missing")  # nor a dangling link
+    assert latest_checkpoint(str(tmp_path)) == 3
+
+
+def test_a_folder_of_look_alikes_is_one_line(tmp_path):
+    for name in ("model_².bin", "state_².bin", "model_01.bin", "state_01.bin"):
+        (tmp_path / name).write_bytes(b"")
+    result = run("train_gpt2.py", "--resume", str(tmp_path), "--steps", "2")
+    assert_one_error_line(result, "no model_<step>.bin with its state_<step>.bin")

@@ -92,27 +92,33 @@ def test_real_text_gives_llmcs_bytes(tmp_path):
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha, name
 
 
+BIG_TEXT = "To be.\n\nOr not.\n\n" * 5000  # about 50,000 tokens: enough for both splits
+
+
 def test_small_text_token_by_token(tmp_path):
     enc = gpt2_encoding()
-    sections = ["First Citizen:\nBefore we proceed", "All:\nSpeak, speak.", "The end.\n"]
+    sections = ["First Citizen:\nBefore we proceed", "All:\nSpeak, speak.", "The end."]
     text = "\n\n".join(sections)
-    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "in.txt").write_text(text + "\n\n" + "Speak.\n\n" * 20000, encoding="utf-8")
     result = prepro("--input", str(tmp_path / "in.txt"), "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    # each section starts with <|endoftext|>; all but the last keep their trailing blank line
+    # each section starts with <|endoftext|> and keeps its trailing blank line
     expected = []
-    for i, s in enumerate(sections):
-        expected += [EOT] + enc.encode_ordinary(s + "\n\n" if i < 2 else s)
+    for s in sections:
+        expected += [EOT] + enc.encode_ordinary(s + "\n\n")
     val = read_tokens(tmp_path / "out" / "tiny_shakespeare_val.bin")
-    assert val == expected and enc.decode(val) == "<|endoftext|>" + text.replace("\n\n", "\n\n<|endoftext|>")
-    # shorter than the 32,768-token validation split: all of it is validation, and the training
-    # file is still written, as a valid header with no tokens (as llm.c's script does)
-    assert read_tokens(tmp_path / "out" / "tiny_shakespeare_train.bin") == []
-    assert result.stdout.splitlines() == [
-        f"writing {len(expected):,} tokens to {tmp_path / 'out' / 'tiny_shakespeare_val.bin'} "
-        f"({1024 + 2 * len(expected):,} bytes)",
-        f"writing 0 tokens to {tmp_path / 'out' / 'tiny_shakespeare_train.bin'} (1,024 bytes)",
-    ]
+    assert val[:len(expected)] == expected
+    assert enc.decode(val[:len(expected)]) == "<|endoftext|>" + (text + "\n\n").replace("\n\n", "\n\n<|endoftext|>")[:-len("<|endoftext|>")]
+
+
+def test_a_text_too_small_for_both_splits_is_an_error(tmp_path):
+    # shorter than the 32,768-token validation split: no training tokens, so one line and no files
+    # (llm.c's script writes an empty training file)
+    (tmp_path / "in.txt").write_text("First Citizen:\nBefore we proceed\n\nAll:\nSpeak.", encoding="utf-8")
+    result = prepro("--input", str(tmp_path / "in.txt"), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "too few for both splits" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_at_32768_tokens(tmp_path):
@@ -141,7 +147,7 @@ def test_bad_input_is_one_clear_line(tmp_path, content):
 
 def test_output_dir_that_is_a_file_is_one_clear_line(tmp_path):
     gpt2_encoding()
-    (tmp_path / "in.txt").write_text("To be.", encoding="utf-8")
+    (tmp_path / "in.txt").write_text(BIG_TEXT, encoding="utf-8")
     (tmp_path / "out").write_text("not a folder")
     result = prepro("--input", str(tmp_path / "in.txt"), "--output-dir", str(tmp_path / "out"))
     assert_one_error_line(result, 2, str(tmp_path / "out"), "folder")
@@ -193,14 +199,15 @@ def server(tmp_path):
 def test_download(tmp_path, server):
     enc = gpt2_encoding()
     www, url = server
-    (www / "input.txt").write_text("To be.\n\nOr not.", encoding="utf-8")
+    (www / "input.txt").write_text(BIG_TEXT, encoding="utf-8")
     out = tmp_path / "out"  # a folder that doesn't exist yet
     result = prepro("--url", f"{url}/input.txt", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert f"downloading {url}/input.txt: 15 bytes (100%)" in result.stderr
-    assert (out / "tiny_shakespeare.txt").read_text(encoding="utf-8") == "To be.\n\nOr not."
-    assert read_tokens(out / "tiny_shakespeare_val.bin") == expected_tokens(enc, "To be.\n\nOr not.")
-    assert read_tokens(out / "tiny_shakespeare_train.bin") == []
+    assert f"downloading {url}/input.txt: {len(BIG_TEXT):,} bytes (100%)" in result.stderr
+    assert (out / "tiny_shakespeare.txt").read_text(encoding="utf-8") == BIG_TEXT
+    tokens = expected_tokens(enc, BIG_TEXT)
+    assert read_tokens(out / "tiny_shakespeare_val.bin") == tokens[:32768]
+    assert read_tokens(out / "tiny_shakespeare_train.bin") == tokens[32768:]
     assert sorted(os.listdir(out)) == ["tiny_shakespeare.txt", "tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"]
     # a second run finds the text and doesn't download it again (that URL would fail)
     result = prepro("--url", f"{url}/missing.txt", "--output-dir", str(out))
