@@ -7,8 +7,15 @@ registers), how many of their 128-thread blocks that leaves room for on one mult
 "theoretical occupancy" a profiler reports).
 
     pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt   # CUDA 13's NVRTC and headers
+    pip install "nvidia-cuda-nvrtc-cu12==12.9.*" "nvidia-cuda-runtime-cu12==12.9.*" \
+        "nvidia-cuda-nvcc-cu12==12.9.*"               # and CUDA 12's, beside them (optional)
     python dev/check_kernels.py                       # sm_80 (A100) and sm_90 (H100)
-    python dev/check_kernels.py --arch 90 --only flash
+    python dev/check_kernels.py --arch 90 --only flash --cuda 12
+
+Each NVRTC found is used, one per CUDA major version (CUDA 13's and 12's wheels can be installed
+together), each with its own headers, since CuPy compiles with its own CUDA's NVRTC and the
+register counts differ (CUDA 12.9's NVRTC gives the TF32 dq kernel 184 registers on sm_90, 13.5's
+166: 2 blocks a multiprocessor instead of 3). The last line names the NVRTC versions checked.
 
 Exit status 1 if a kernel source does not compile, if NVRTC warns, or if a kernel spills registers
 (--allow-spills reports spills only); 2, with one error line, if no NVRTC, headers or kernel sources
@@ -23,9 +30,10 @@ machine code (-arch=sm_XX), which runs ptxas.
 
 What the headers need: cuda_bf16.h comes with the CUDA runtime's headers (the nvidia-cuda-runtime
 wheel); WMMA's mma.h, for the flash attention kernels, includes crt/mma.h, which CUDA 13's wheels
-ship apart, in nvidia-cuda-crt. A CUDA toolkit's include directory has both (--include, or CUDA_PATH);
-where the headers lack crt/mma.h, the flash sources are compiled as compile_flash_attention does,
-with an installed toolkit's headers of NVRTC's CUDA version first.
+ship apart, in nvidia-cuda-crt, and CUDA 12's in nvidia-cuda-nvcc-cu12. A CUDA toolkit's include
+directory has both (--include, or CUDA_PATH); where the headers lack crt/mma.h, the flash sources
+are compiled as compile_flash_attention does, with an installed toolkit's headers of NVRTC's CUDA
+version first, else CUDA 12's nvcc wheel's.
 The AdamW ElementwiseKernel is not here: CuPy writes its source, from CuPy's own headers.
 
 Without CuPy, those modules are imported through the CPU simulation in tests/cudasim, which gives
@@ -94,6 +102,23 @@ def find_nvrtc():
             if found:
                 return found[-1]
     return None
+
+
+def find_nvrtcs():
+    # {CUDA major version: (libnvrtc.so, its CUDA headers)}, the first of each version found:
+    # CUDA 13's wheels (NVRTC and headers in nvidia/cu13), CUDA 12's (nvidia/cuda_nvrtc, headers
+    # in nvidia/cuda_runtime beside it), a toolkit. Both wheels' versions can be installed at once
+    found = {}
+    for d in _nvidia_dirs():
+        for path in sorted(glob.glob(os.path.join(d, "lib*", "libnvrtc.so*")))[-1:]:
+            match = re.search(r"libnvrtc\.so\.(\d+)", path)
+            major = int(match.group(1)) if match else NVRTC(path).major
+            include = next((inc for inc in (os.path.join(d, "include"),
+                                            os.path.join(os.path.dirname(d), "cuda_runtime", "include"))
+                            if os.path.exists(os.path.join(inc, "cuda_bf16.h"))), None)
+            if include and major not in found:
+                found[major] = (path, include)
+    return found
 
 
 def find_include():
@@ -174,12 +199,13 @@ def compiler_options(include):
     return "our", ["--std=c++17", f"-I{include}", "-ftz=true"]
 
 
-def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=None, include=None):
+def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=None, include=None, lend_crt=None):
     # compiles every kernel source (those whose name contains `only`) for every (arch, dtype) with
     # nvrtc (an NVRTC, found if not given), with CuPy's options, or with the headers of `include` where
     # given; returns ((whose, options), rows, errors): a row per kernel, (arch, dtype, source, kernel,
     # regs, spill stores, spill loads, smem), and a line per failure (a source that does not compile,
-    # a warning, a kernel ptxas did not report)
+    # a warning, a kernel ptxas did not report). lend_crt: whether a toolkit's or wheel's crt/mma.h
+    # may be added to the headers (default: where `include` is not given)
     cuda_common, flash_attention, _ = modules = import_kernel_modules()
     if nvrtc is None:
         path = find_nvrtc()
@@ -190,8 +216,10 @@ def check(arches=("80", "90"), dtypes=("float32", "bfloat16"), only=None, nvrtc=
     sources = {name: source for name, source in kernel_sources(modules).items()
                if not only or only.lower() in name.lower()}
     # as compile_flash_attention does where CuPy's headers lack WMMA's crt/mma.h: a CUDA toolkit's
-    # headers of this NVRTC's version first (not where --include chose the headers)
-    toolkit = flash_attention._cuda_toolkit_include(nvrtc.major) if include is None else None
+    # headers, or CUDA 12's nvcc wheel's, of this NVRTC's version first (not where --include chose
+    # the headers)
+    lend_crt = include is None if lend_crt is None else lend_crt
+    toolkit = flash_attention._crt_include(nvrtc.major) if lend_crt else None
     rows, errors = [], []
     for arch in arches:
         for dtype in dtypes:
@@ -231,14 +259,26 @@ def main():
     parser.add_argument("--include", help="the CUDA headers' directory (default: CuPy's choice where CuPy is "
                                           "installed, else NVIDIA's wheels, then CUDA_PATH)")
     parser.add_argument("--allow-spills", action="store_true", help="report spilled registers, do not fail on them")
+    parser.add_argument("--cuda", nargs="+", type=int, help="the CUDA major versions whose NVRTC to use, of "
+                                                                "those installed (default: each found)")
     args = parser.parse_args()
-    nvrtc_path = args.nvrtc or find_nvrtc()
+    if args.nvrtc or args.include:  # one NVRTC, as asked
+        if args.cuda:
+            fail("--cuda chooses among the NVRTCs found: not with --nvrtc or --include")
+        nvrtc_path = args.nvrtc or find_nvrtc()
+        runs = [(nvrtc_path, args.include, None)]
+    else:  # each CUDA version's NVRTC found, with its own headers (the first as CuPy would have it)
+        found = find_nvrtcs()
+        missing = [major for major in args.cuda or () if major not in found]
+        if missing:
+            fail(f"--cuda {missing[0]}: no NVRTC of CUDA {missing[0]} found: pip install "
+                 + ("nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12" if missing[0] == 12 else
+                    "nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt"))
+        runs = [(path, None if include == find_include() else include, True)
+                for major, (path, include) in sorted(found.items(), reverse=True) if major in (args.cuda or found)]
+        nvrtc_path = runs[0][0] if runs else None
     if nvrtc_path is None:
         fail("no NVRTC found (libnvrtc.so): pip install nvidia-cuda-nvrtc, or set CUDA_PATH or --nvrtc")
-    try:
-        nvrtc = NVRTC(nvrtc_path)
-    except (OSError, AttributeError) as e:  # not there, or not NVRTC
-        fail(f"--nvrtc {nvrtc_path} is not a loadable NVRTC library ({e})")
     if (args.include or find_include()) is None:
         fail("no CUDA headers found (cuda_bf16.h): pip install nvidia-cuda-runtime nvidia-cuda-crt, "
              "or set CUDA_PATH or --include")
@@ -252,21 +292,30 @@ def main():
     names = list(kernel_sources(modules))
     if args.only and not any(args.only.lower() in name.lower() for name in names):
         fail(f"--only {args.only}: no kernel source's name contains it (they are {', '.join(names)})")
-    (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc, args.include)
-    print(f"NVRTC {nvrtc.version} ({nvrtc_path}), {whose} options: {' '.join(options)}")
-    print(f"{'arch':6s} {'dtype':9s} {'kernel':42s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} {'blocks/SM':>9s}")
-    spills = 0
-    for arch, dtype, _, kernel, regs, spill_st, spill_ld, smem in rows:
-        fit = None
-        if kernel in flash_attention.FLASH_KERNELS and kernel != "flash_attention_delta_kernel":  # (4 warps a block)
-            fit = blocks_per_sm(arch, flash_attention.FLASH_WARPS * 32, regs, smem)
-        print(f"sm_{arch:3s} {dtype:9s} {kernel:42s} {regs:5d} {f'{spill_st}/{spill_ld}':>12s} {smem:7d} "
-              f"{'-' if fit is None else fit:>9}")
-        spills += spill_st > 0 or spill_ld > 0
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    print(f"{len(rows)} kernels compiled, {len(errors)} errors, {spills} spilling registers")
-    sys.exit(1 if errors or (spills and not args.allow_spills) else 0)
+    compiled, failed, spills, versions = 0, 0, 0, []
+    for nvrtc_path, include, lend_crt in runs:
+        try:
+            nvrtc = NVRTC(nvrtc_path)
+        except (OSError, AttributeError) as e:  # not there, or not NVRTC
+            fail(f"--nvrtc {nvrtc_path} is not a loadable NVRTC library ({e})")
+        (whose, options), rows, errors = check(args.arch, args.dtype, args.only, nvrtc, include, lend_crt)
+        print(f"NVRTC {nvrtc.version} ({nvrtc_path}), {whose} options: {' '.join(options)}")
+        print(f"{'arch':6s} {'dtype':9s} {'kernel':42s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} "
+              f"{'blocks/SM':>9s}")
+        for arch, dtype, _, kernel, regs, spill_st, spill_ld, smem in rows:
+            fit = None
+            # (the flash kernels with 4 warps a block)
+            if kernel in flash_attention.FLASH_KERNELS and kernel != "flash_attention_delta_kernel":
+                fit = blocks_per_sm(arch, flash_attention.FLASH_WARPS * 32, regs, smem)
+            print(f"sm_{arch:3s} {dtype:9s} {kernel:42s} {regs:5d} {f'{spill_st}/{spill_ld}':>12s} {smem:7d} "
+                  f"{'-' if fit is None else fit:>9}")
+            spills += spill_st > 0 or spill_ld > 0
+        for error in errors:
+            print(f"error: NVRTC {nvrtc.version}: {error}", file=sys.stderr)
+        compiled, failed, versions = compiled + len(rows), failed + len(errors), versions + [nvrtc.version]
+    print(f"{compiled} kernels compiled, {failed} errors, {spills} spilling registers")
+    print(f"NVRTC versions checked: {', '.join(versions)}")
+    sys.exit(1 if failed or (spills and not args.allow_spills) else 0)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ Imports llmc/cuda_common.py; imported by llmc/cuda_layers.py, whose attention_fo
 attention_backward call this module's forms where flash_applies.
 """
 
+import glob
 import math
 import os
 import re
 import shutil
+import sys
 from typing import NamedTuple
 
 import cupy
@@ -366,6 +368,11 @@ def _nvrtc_major():
         return cupy.cuda.runtime.runtimeGetVersion() // 1000
 
 
+def _compute_capability():
+    # this GPU's, as 80 for 8.0
+    return int(cupy.cuda.Device().compute_capability)
+
+
 def _cuda_toolkit_include(nvrtc_major=None):
     # an installed CUDA toolkit's include directory with WMMA's
     # crt/mma.h, of NVRTC's major version (CuPy's unless given), or
@@ -387,6 +394,30 @@ def _cuda_toolkit_include(nvrtc_major=None):
     return None
 
 
+def _nvcc_wheel_include(nvrtc_major=None):
+    # CUDA 12's crt/mma.h from pip: nvidia-cuda-nvcc-cu12 puts it
+    # in nvidia/cuda_nvcc/include, which has no cuda.h to tell its
+    # version; the wheel's name beside it does. None if not there
+    nvrtc_major = nvrtc_major or _nvrtc_major()
+    for entry in sys.path:
+        include = os.path.join(entry or ".", "nvidia", "cuda_nvcc", "include")
+        if os.path.exists(os.path.join(include, "crt", "mma.h")) and \
+                glob.glob(os.path.join(entry or ".", f"nvidia_cuda_nvcc_cu{nvrtc_major}-*.dist-info")):
+            return include
+    return None
+
+
+def _crt_include(nvrtc_major=None):
+    # where crt/mma.h is, for NVRTC's major version, when CuPy's
+    # headers lack it: a CUDA toolkit's headers, else the wheel's
+    return _cuda_toolkit_include(nvrtc_major) or _nvcc_wheel_include(nvrtc_major)
+
+
+def _crt_wheel(nvrtc_major):
+    # the pip wheel with crt/mma.h, by CUDA major version
+    return "nvidia-cuda-nvcc-cu12" if nvrtc_major == 12 else "nvidia-cuda-crt" if nvrtc_major >= 13 else None
+
+
 def _compile_flash(dtype, options):
     # compiles the flash kernels for dtype: None, or what NVRTC raised
     try:
@@ -398,24 +429,32 @@ def _compile_flash(dtype, options):
 
 
 def compile_flash_attention(dtype):
-    # compiles the flash kernels now, so a missing header is one
-    # clear error before any work. The likely one: WMMA's mma.h
-    # includes crt/mma.h, which CUDA 13's pip wheels ship apart, in
-    # nvidia-cuda-crt. An installed toolkit of NVRTC's version lends
-    # its headers then (read before CuPy's).
+    # compiles the flash kernels now, so that a GPU or headers
+    # without what they need is one clear error before any work.
+    # TF32 and bf16 WMMA tiles need compute capability 8.0. WMMA's
+    # mma.h includes crt/mma.h, which CUDA's pip wheels ship apart
+    # (13: nvidia-cuda-crt; 12: nvidia-cuda-nvcc-cu12): a toolkit
+    # or that wheel, of NVRTC's version, lends it then (read first)
     global _flash_options
+    capability = _compute_capability()
+    if capability < 80:
+        raise RuntimeError(f"needs compute capability 8.0 or later (TF32 and bf16 tensor-core tiles); "
+                           f"this GPU's is {capability / 10:.1f}")
     error = _compile_flash(dtype, _flash_options)
     if error is None:
         return
-    toolkit = _cuda_toolkit_include() if '"crt/mma.h"' in str(error) else None
-    if toolkit:
-        error = _compile_flash(dtype, (f"-I{toolkit}",))
+    crt = _crt_include() if '"crt/mma.h"' in str(error) else None
+    if crt:
+        error = _compile_flash(dtype, (f"-I{crt}",))
         if error is None:
-            _flash_options = (f"-I{toolkit}",)  # what the flash launches pass from now on
+            _flash_options = (f"-I{crt}",)  # what the flash launches pass from now on
             return
     reason = _first_line(error, "error")
     if '"crt/mma.h"' in str(error):
-        reason += "; CUDA's WMMA header: pip install nvidia-cuda-crt (CUDA 13), or a CUDA toolkit"
+        major = _nvrtc_major()
+        wheel = _crt_wheel(major)
+        reason += (f"; CUDA {major}'s WMMA header: pip install {wheel}, or a CUDA {major} toolkit" if wheel else
+                   f"; CUDA's WMMA header: a CUDA {major} toolkit")
     raise RuntimeError(f"the flash attention kernels do not compile here ({reason})") from None
 
 

@@ -285,3 +285,19 @@ def test_flash_attention_that_does_not_compile_is_one_error_line(monkeypatch):
             tg.use_device("cuda", attention="flash")
     finally:
         tg.use_device("cpu")
+
+
+def test_flash_attention_below_compute_capability_8_is_one_error_line(monkeypatch):
+    # a GPU without TF32 or bf16 tensor-core tiles (a T4: 7.5), faked: one line, nothing compiled
+    from llmc import flash_attention
+
+    def compile_flash(*args):
+        raise AssertionError("compiled the flash kernels on a GPU that cannot run them")
+    monkeypatch.setattr(flash_attention, "_compute_capability", lambda: 75)
+    monkeypatch.setattr(flash_attention, "_compile_flash", compile_flash)
+    try:
+        with pytest.raises(tg.InputError, match=r"^--attention flash: needs compute capability 8.0 or later "
+                                                r"\(.*\); this GPU's is 7.5; use --attention blocked$"):
+            tg.use_device("cuda", attention="flash")
+    finally:
+        tg.use_device("cpu")

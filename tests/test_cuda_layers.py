@@ -671,12 +671,57 @@ def test_a_cuda_toolkit_of_another_version_is_not_taken(monkeypatch, tmp_path):
 
 def test_flash_kernels_without_wmmas_header_are_one_error_that_names_the_wheel(monkeypatch):
     monkeypatch.setattr(fa, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
-    monkeypatch.setattr(fa, "_cuda_toolkit_include", lambda: None)  # no CUDA toolkit installed
+    monkeypatch.setattr(fa, "_crt_include", lambda: None)  # no CUDA toolkit or CUDA 12 nvcc wheel
     monkeypatch.setattr(fa, "_flash_options", ())
     with pytest.raises(RuntimeError, match=r'^the flash attention kernels do not compile here \(.*error.*"crt/mma.h"; '
                                            r".*pip install nvidia-cuda-crt"):
         fa.compile_flash_attention(np.float32)
     assert fa._flash_options == ()
+
+
+def fake_nvcc_wheel(site, major):
+    # CUDA's nvcc wheel as pip installs it for CUDA 12: crt/mma.h in nvidia/cuda_nvcc/include (no
+    # cuda.h there), the wheel's name, with its major version, beside
+    (site / "nvidia" / "cuda_nvcc" / "include" / "crt").mkdir(parents=True)
+    (site / "nvidia" / "cuda_nvcc" / "include" / "crt" / "mma.h").write_text("")
+    (site / f"nvidia_cuda_nvcc_cu{major}-{major}.9.86.dist-info").mkdir()
+    return str(site / "nvidia" / "cuda_nvcc" / "include")
+
+
+def test_flash_kernels_take_cuda_12s_nvcc_wheel_where_cupys_headers_lack_wmmas(monkeypatch, tmp_path):
+    include = fake_nvcc_wheel(tmp_path, 12)
+    monkeypatch.setattr(fa.sys, "path", [str(tmp_path)] + fa.sys.path)
+    monkeypatch.setattr(fa, "_cuda_toolkit_include", lambda nvrtc_major=None: None)  # no toolkit
+    monkeypatch.setattr(fa, "_nvrtc_major", lambda: 12)
+    monkeypatch.setattr(fa, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
+    monkeypatch.setattr(fa, "_flash_options", ())
+    monkeypatch.setattr(_FlashKernel, "compiled", [])
+    fa.compile_flash_attention(np.float32)
+    assert fa._flash_options == (f"-I{include}",)
+    assert fa._nvcc_wheel_include(13) is None  # (CUDA 12's header, not for CUDA 13's NVRTC)
+
+
+@pytest.mark.parametrize("major, wheel", [(12, "nvidia-cuda-nvcc-cu12"), (13, "nvidia-cuda-crt")])
+def test_the_missing_wmma_header_names_the_wheel_of_nvrtcs_cuda_version(monkeypatch, major, wheel):
+    monkeypatch.setattr(fa, "_kernel", lambda source, name, dtype, options=(): _FlashKernel(options))
+    monkeypatch.setattr(fa, "_crt_include", lambda: None)
+    monkeypatch.setattr(fa, "_nvrtc_major", lambda: major)
+    monkeypatch.setattr(fa, "_flash_options", ())
+    with pytest.raises(RuntimeError) as error:
+        fa.compile_flash_attention(np.float32)
+    assert "\n" not in str(error.value)
+    assert str(error.value).endswith(f"; CUDA {major}'s WMMA header: pip install {wheel}, or a CUDA {major} toolkit)")
+
+
+def test_flash_attention_below_compute_capability_8_is_one_line_before_compiling(monkeypatch):
+    # a T4 or V100 (7.5, 7.0): no TF32 or bf16 WMMA tiles, so NVRTC would fail; say so instead
+    compiled = []
+    monkeypatch.setattr(fa, "_compute_capability", lambda: 75)
+    monkeypatch.setattr(fa, "_kernel", lambda source, name, dtype, options=(): compiled.append(name))
+    with pytest.raises(RuntimeError, match=r"^--attention flash: needs compute capability 8.0 or later \(.*\); "
+                                           r"this GPU's is 7.5; use --attention blocked$"):
+        cl.configure(attention="flash")
+    assert compiled == []
 
 
 def test_flash_attention_reads_a_misaligned_view_through_an_aligned_copy(rng, flash, tf32):

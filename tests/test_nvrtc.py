@@ -3,7 +3,9 @@ as CuPy compiles them on an A100 or an H100), without a GPU: dev/check_kernels.p
 (tests/cudasim) checks what the kernels compute, with g++; this checks that NVRTC takes them, with
 CUDA's real bfloat16 and WMMA headers, and that ptxas needs no local memory for their registers.
 Skipped without NVRTC and the CUDA headers (pip install nvidia-cuda-nvrtc nvidia-cuda-runtime
-nvidia-cuda-crt: requirements-dev.txt has them, for Linux)."""
+nvidia-cuda-crt: requirements-dev.txt has them, for Linux). With each CUDA major version's NVRTC
+installed, 13 and 12 (CUDA 12.9's wheels, in requirements-dev.txt too): their register counts
+differ, and a GPU's CuPy compiles with its own CUDA's. Its skips say which version is missing."""
 
 import ast
 import importlib.util
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "dev"))
 import check_kernels  # noqa: E402
 
 NVRTC, INCLUDE = check_kernels.find_nvrtc(), check_kernels.find_include()
+NVRTCS = check_kernels.find_nvrtcs()  # {CUDA major version: (NVRTC, headers)}
 pytestmark = [
     pytest.mark.skipif(NVRTC is None or INCLUDE is None, reason="needs NVRTC and the CUDA headers: "
                        "pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt"),
@@ -43,9 +46,16 @@ def check(*args, code=None):
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills():
-    result = check("--arch", "80", "90")
+@pytest.mark.parametrize("cuda", [13, 12], ids=["cuda13", "cuda12"])
+def test_every_kernel_compiles_for_a100_and_h100_in_both_dtypes_without_spills(cuda):
+    # with each CUDA major version's NVRTC installed, its own headers: their register counts differ
+    if cuda not in NVRTCS:
+        pytest.skip(f"no NVRTC of CUDA {cuda} installed: pip install " + (
+            "nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12" if cuda == 12 else
+            "nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-crt"))
+    result = check("--arch", "80", "90", "--cuda", str(cuda))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"^NVRTC {cuda}\.\d+ .*^NVRTC versions checked: {cuda}\.\d+$", result.stdout, re.M | re.S)
     rows = re.findall(r"^sm_(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)/(\d+)", result.stdout, re.M)
     # every kernel named in a source, once per (arch, dtype): a check that found nothing would say nothing
     names = set()
@@ -70,7 +80,7 @@ def check_patched(patch, only):
             f"print(repr(check_kernels.check(('90',), ('float32',), only={only!r})[1:]))\n")
     result = check(code=code)
     assert result.returncode == 0, result.stderr
-    return ast.literal_eval(result.stdout)
+    return ast.literal_eval(result.stdout.splitlines()[-1])  # (after any note of headers lent)
 
 
 def test_a_kernel_that_does_not_compile_is_an_error():

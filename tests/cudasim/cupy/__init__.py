@@ -11,6 +11,12 @@ this package instead of CuPy. What it does, as numba's CUDA simulator does for n
   or a shuffle (so barriers and warp shuffles really meet); dynamic shared memory starts as NaN
   (static __shared__ arrays keep what the block before left), and pointer arguments must be
   contiguous arrays of the kernel's types;
+- CUDASIM_STRICT=1 makes it strict about what a GPU does not promise, so that a kernel relying on
+  it fails here: a lane holds only its share of a WMMA fragment, in a random order for each
+  fragment type; the threads of a block run in order, reversed or shuffled, drawn anew for each
+  round (every thread on to its next barrier); static shared memory starts as NaN too.
+  CUDASIM_SEED=N draws other layouts and orders (CI runs the kernel tests so;
+  tests/test_cudasim.py shows what it catches);
 - ElementwiseKernel compiles its one-line operation into a loop;
 - cuBLAS's gemmStridedBatchedEx is done in NumPy (float64 sums rounded to float32, as cuBLAS's
   float32 sums, then to the output type; TF32 rounds the inputs to 10 mantissa bits first), with

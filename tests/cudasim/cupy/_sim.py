@@ -17,6 +17,17 @@ BUILD = os.environ.get("CUDASIM_CACHE") or os.path.join(tempfile.gettempdir(), f
 SANITIZE = os.environ.get("CUDASIM_ASAN") == "1"  # compile kernels with AddressSanitizer (run python with its runtime preloaded)
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
+
+def strict():
+    # CUDASIM_STRICT=1: simt.h's SIM_STRICT (fragments spread over the lanes, lanes in changing
+    # orders, static shared memory NaN); read at each launch, so that a test may change it
+    return os.environ.get("CUDASIM_STRICT") == "1"
+
+
+def seed():
+    # CUDASIM_SEED: which layouts and orders the strict mode draws
+    return int(os.environ.get("CUDASIM_SEED", "0"))
+
 # ----------------------------------------------------------------------------
 # arrays: NumPy's, with CuPy's .data.ptr and .get(); every buffer is recorded, so that the GEMMs can
 # check that each matrix they read lies inside one
@@ -150,11 +161,11 @@ class RawKernel:
     def __init__(self, code, name, options=(), backend="nvrtc", **kwargs):
         assert f'extern "C" __global__ void {name}(' in code, name
         self.code, self.name = code, name
-        self.library, self.parameters = None, None
+        self.libraries, self.parameters = {}, None  # compiled, by strict()
         # floatX, where the source defines it (cuda_layers.py's kernels): float or __nv_bfloat16
         self.floatX = BFLOAT16 if "typedef __nv_bfloat16 floatX;" in code else np.dtype(np.float32)
 
-    def _compile(self):
+    def _compile(self, strict):
         signatures = re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', self.code)
         source = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = sim_dynamic_shared;", self.code)
         source = source.replace("#include <cuda_bf16.h>", "")  # simt.h has its own __nv_bfloat16
@@ -169,17 +180,17 @@ class RawKernel:
                              f'long long smem, void** args) {{ sim_run_grid(gx, gy, bx, by, smem, [&]() {{ '
                              f'{kernel}({arguments}); }}); }}')
         with open(os.path.join(HERE, "simt.h")) as f:
-            prelude = f.read()
-        self.library = compile_library(prelude + source + "\n" + "\n".join(launchers) + "\n", "raw")
+            prelude = ("#define SIM_STRICT 1\n" if strict else "") + f.read()
+        self.libraries[strict] = compile_library(prelude + source + "\n" + "\n".join(launchers) + "\n", "raw")
 
     def compile(self, log_stream=None):
-        if self.library is None:
-            self._compile()
+        if strict() not in self.libraries:
+            self._compile(strict())
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         assert isinstance(grid, tuple) and isinstance(block, tuple) and isinstance(args, tuple)
-        if self.library is None:
-            self._compile()
+        self.compile()
+        library = self.libraries[strict()]
         assert len(self.parameters) == len(args), (self.name, self.parameters, args)
         holders = []
         for t, a in zip(self.parameters, args):
@@ -198,7 +209,9 @@ class RawKernel:
         g = [max(1, x) for x in (grid + (1, 1))[:3]]
         b = [max(1, x) for x in (block + (1, 1))[:3]]
         assert g[2] == 1 and b[2] == 1, "3-D grids and blocks are not simulated"
-        getattr(self.library, f"launch_{self.name}")(ctypes.c_uint(g[0]), ctypes.c_uint(g[1]), ctypes.c_uint(b[0]),
+        if strict():
+            ctypes.c_ulonglong.in_dll(library, "sim_seed").value = seed()
+        getattr(library, f"launch_{self.name}")(ctypes.c_uint(g[0]), ctypes.c_uint(g[1]), ctypes.c_uint(b[0]),
                                                      ctypes.c_uint(b[1]), ctypes.c_longlong(shared_mem), argv)
 
 
