@@ -3,7 +3,8 @@ Fetches llm.c's starter pack: GPT-2 124M's weights, its PyTorch debug state and 
 in llm.c's formats, from Hugging Face. Standard library only; no PyTorch needed.
 
     python download_starter_pack.py              # into the current folder, what is missing
-    python download_starter_pack.py --data       # also data/tiny_shakespeare_{train,val}.bin
+    python download_starter_pack.py --data       # also data/tiny_shakespeare_{train,val}.bin and
+                                                 # data/hellaswag_val.bin (for --hellaswag)
     python train_gpt2.py --download              # the same, then train
 
 A download that breaks off is resumed where it stopped the next time (HTTP Range). A file appears
@@ -21,12 +22,12 @@ import urllib.request
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/llmc-starter-pack/resolve/main"
 MODEL_FILES = ["gpt2_124M.bin", "gpt2_124M_debug_state.bin", "gpt2_tokenizer.bin"]
-DATA_FILES = ["tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"]
+DATA_FILES = ["tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin", "hellaswag_val.bin"]
 
 # the magic number and versions at the start of each kind of llm.c file
 MAGIC = {"gpt2_124M.bin": (20240326, (3,)), "gpt2_124M_debug_state.bin": (20240327, (2,)),
          "gpt2_tokenizer.bin": (20240328, (1, 2)), "tiny_shakespeare_train.bin": (20240520, (1,)),
-         "tiny_shakespeare_val.bin": (20240520, (1,))}
+         "tiny_shakespeare_val.bin": (20240520, (1,)), "hellaswag_val.bin": (20240522, (1,))}
 
 
 class DownloadError(Exception):
@@ -50,6 +51,8 @@ def check_header(path, name):
         expected = 1024 + 4 * (Vp * C + maxT * C + L * (12 * C * C + 13 * C) + 2 * C)
     elif magic == 20240520:  # tokens: the header holds their count
         expected = 1024 + 2 * fields[2]
+    elif magic == 20240522:  # an eval file: its examples at least as long as the longest one
+        return None if size >= 1024 + fields[3] else f"it is {size:,} bytes, shorter than its longest example"
     else:
         return None
     if size != expected:
@@ -63,8 +66,9 @@ def show_progress(name, done, total, t0):
     print(f"\rdownloading {name}: {done:,}{of_total} at {speed:.1f} MB/s ", end="", file=sys.stderr, flush=True)
 
 
-def download(url, path, name):
+def download(url, path, name, source=BASE_URL):
     # fetch url into path through path + ".partial", continuing a partial file where it stopped
+    # (source: where to get it by hand, said on failure)
     partial = path + ".partial"
     start = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
@@ -74,14 +78,14 @@ def download(url, path, name):
         if e.code == 416 and start:  # nothing left to send: the partial file is complete
             total = int(e.headers.get("Content-Range", "*/-1").split("/")[-1])
             if total == start:
-                return finish(partial, path, name)
+                return finish(partial, path, name, source)
             os.remove(partial)  # it doesn't match the file on the server: start over
-            return download(url, path, name)
+            return download(url, path, name, source)
         raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}; run again later, or get "
-                            f"{name} by hand from {BASE_URL}") from None
+                            f"{name} by hand from {source}") from None
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}); check the network and run "
-                            f"again (it resumes), or get {name} by hand from {BASE_URL}") from None
+                            f"again (it resumes), or get {name} by hand from {source}") from None
     with response:
         if start and response.status != 206:
             start = 0  # the server ignored Range: it sends the whole file again
@@ -103,23 +107,23 @@ def download(url, path, name):
     print(file=sys.stderr)
     if total and done != total:
         raise DownloadError(f"download of {url} stopped at {done:,} of {total:,} bytes; run again to resume it")
-    return finish(partial, path, name)
+    return finish(partial, path, name, source)
 
 
-def finish(partial, path, name):
+def finish(partial, path, name, source=BASE_URL):
     # the complete file takes its name only if its header is right; a wrong one is not kept
-    problem = check_header(partial, name)
+    problem = check_header(partial, name) if name in MAGIC else None  # (no llm.c header to check)
     if problem:
         os.remove(partial)
         raise DownloadError(f"downloaded {name}, but {problem}: the server sent something else; "
-                            f"get it by hand from {BASE_URL}")
+                            f"get it by hand from {source}")
     os.replace(partial, path)
     print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
 
 
 def download_starter_pack(model_dir=".", data_dir=None, base_url=BASE_URL):
     # fetch whatever of the starter pack is missing: the model files into model_dir (unless it is
-    # None), and the Tiny Shakespeare token files into data_dir (if one is given)
+    # None), and the Tiny Shakespeare token files and HellaSwag into data_dir (if one is given)
     wanted = ([(name, model_dir) for name in MODEL_FILES if model_dir is not None] +
               [(name, data_dir) for name in DATA_FILES if data_dir is not None])
     for name, folder in wanted:
@@ -133,7 +137,7 @@ def download_starter_pack(model_dir=".", data_dir=None, base_url=BASE_URL):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Download llm.c's starter pack (GPT-2 124M) from Hugging Face.")
     parser.add_argument("--dir", default=".", help="where to put the model files (default: here)")
-    parser.add_argument("--data", action="store_true", help="also fetch the Tiny Shakespeare token files")
+    parser.add_argument("--data", action="store_true", help="also fetch the Tiny Shakespeare token files and HellaSwag's eval file")
     parser.add_argument("--data-dir", default="data", help="where the token files go (default: data)")
     parser.add_argument("--download-url", default=BASE_URL, help="the starter pack's base URL (a mirror)")
     args = parser.parse_args()

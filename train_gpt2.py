@@ -35,6 +35,8 @@ from llmc.device import choose_device, floatX_weights
 # read_checkpoint_header
 from llmc.formats import (CHECKPOINT_HINT, HEADER_INTS, check_checkpoint_size, checkpoint_header,
                           describe_config, read_checkpoint_header)
+# defines: manual_seed, normal_ (llm.c's mt19937 and its Box-Muller normals, llmc/rand.h)
+from llmc.rand import manual_seed, normal_
 # defines: setup, errors_as_one_line
 from llmc.run import errors_as_one_line, setup
 # defines: InputError, atomic_write, to_host
@@ -330,24 +332,25 @@ def random_config(depth):
                       num_layers=L, num_heads=NH, channels=C)
 
 
-def gpt2_build_from_random(depth, seed):
-    # a randomly initialized GPT-2 of llm.c's depths, initialized as GPT-2 is
-    # (this is what llm.c's train_gpt2.py does for --model d12 etc.); drawn with NumPy on the host,
-    # so a seed gives the same model on every device
+def gpt2_build_from_random(depth, seed=42):
+    # a randomly initialized GPT-2 of llm.c's depths, exactly as llm.c's -e dN draws it
+    # (train_gpt2.cu, gpt_build_from_descriptor): weights ~N(0, 0.02) from mt19937 seeded 42, in
+    # PyTorch's order (per layer l: at l = 0 wte's V rows and wpe; then that layer's qkvw, attprojw,
+    # fcw, fcprojw); LayerNorm weights 1, all biases 0. Drawn on the host: the same on every device.
     config = random_config(depth)
     memory = np.zeros(num_parameters(config), dtype=np.float32)
     p = point_parameters(memory, config)
-    rng = np.random.default_rng(seed)
-    # the projections into the residual stream start smaller, as GPT-2's do
-    residual_std = 0.02 / math.sqrt(2 * config.num_layers)
-    for name, std in [("wte", 0.02), ("wpe", 0.02), ("qkvw", 0.02), ("attprojw", residual_std),
-                      ("fcw", 0.02), ("fcprojw", residual_std)]:
-        # (the padded rows of wte stay zero)
-        tensor = p[name][:config.vocab_size] if name == "wte" else p[name]
-        rng.standard_normal(out=tensor, dtype=np.float32)
-        tensor *= std
+    rng = manual_seed(seed)
+    # the projections into the residual stream start smaller, as GPT-2's do: 0.02 / sqrt(2L)
+    residual_std = np.float32(0.02) * (np.float32(1.0) / np.sqrt(np.float32(2.0 * config.num_layers)))
+    for l in range(config.num_layers):
+        if l == 0:  # (the padded rows of wte stay zero)
+            normal_(p["wte"][:config.vocab_size], 0.0, 0.02, rng)
+            normal_(p["wpe"], 0.0, 0.02, rng)
+        for name in ("qkvw", "attprojw", "fcw", "fcprojw"):
+            normal_(p[name][l], 0.0, residual_std if name in ("attprojw", "fcprojw") else 0.02, rng)
     for name in ("ln1w", "ln2w", "lnfw"):
-        p[name][...] = 1.0  # LayerNorm starts as the identity; all biases start at zero
+        p[name][...] = 1.0  # LayerNorm starts as the identity
     return GPT2(config, memory)
 
 
@@ -716,6 +719,9 @@ def main(args):
             # once in a while estimate the validation loss (the mean over all processes)
             if args.val_every > 0 and (step % args.val_every == 0 or last_step):
                 run.print_val_loss(step, procs.mean(evaluate(model, run.val_loader, args.val_batches)))
+            # and HellaSwag's accuracy, as llm.c's -h 1 (all processes share the examples)
+            if args.hellaswag and ((step > 0 and args.val_every > 0 and step % args.val_every == 0) or last_step):
+                run.print_hellaswag(step)
             # once in a while print a sample from the model (rank 0 alone)
             if args.sample_every > 0 and procs.is_main and ((step > 0 and step % args.sample_every == 0)
                                                             or last_step):
@@ -732,7 +738,7 @@ def main(args):
             run.check_finite(step, loss)  # stop before an inf or nan reaches the weights
             norm = clip_gradients(model, args.grad_clip) if args.grad_clip else None
             lr = get_lr(step, args)
-            gpt2_update(model, lr, 0.9, 0.999, 1e-8, args.weight_decay, step + 1, decayed_names)
+            gpt2_update(model, lr, args.beta1, args.beta2, 1e-8, args.weight_decay, step + 1, decayed_names)
             run.print_step(step, loss, lr, norm, run.seconds_since(t0))
             run.save_checkpoint(step + 1)  # every --save-every steps, with --output-dir
     run.finish()  # --output, and with several processes a check that all hold the same weights

@@ -4,10 +4,13 @@ option in its range, every output writable, the run within the memory there is.
 """
 
 import argparse
+import glob
 import math
 import os
+import stat
 
 from llmc.device import CUPY_INSTALL, available_memory, training_memory
+from llmc.formats import CHECKPOINT_NAME
 from llmc.utils import InputError
 
 
@@ -40,8 +43,9 @@ def parse_args(depths, argv=None):
     add = parser.add_argument
     add("--checkpoint", default="gpt2_124M.bin", help="llm.c GPT-2 checkpoint to start from")
     add("--init", choices=list(depths), help="instead of a checkpoint, start from a randomly initialized GPT-2 of this depth")
-    add("--train-data", default="data/tiny_shakespeare_train.bin", help="training tokens")
-    add("--val-data", default="data/tiny_shakespeare_val.bin", help="validation tokens")
+    add("--train-data", default="data/tiny_shakespeare_train.bin",
+        help="training tokens: a file, or a quoted glob pattern of shards (llm.c's -i)")
+    add("--val-data", default="data/tiny_shakespeare_val.bin", help="validation tokens: a file or a pattern (llm.c's -j)")
     add("-b", "--batch-size", type=int, default=4, help="batch size B")
     add("-t", "--seq-len", type=int, default=64, help="sequence length T (at most the model's maxT)")
     add("--steps", type=int, default=40, help="number of training steps (0: just evaluate and sample)")
@@ -49,7 +53,10 @@ def parse_args(depths, argv=None):
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on every tensor as llm.c's CPU code does")
     add("--val-every", type=int, default=10, help="evaluate the validation loss every N steps (0 = never)")
     add("--val-batches", type=int, default=5, help="validation batches per evaluation")
-    add("--seed", type=int, default=1337, help="seed of the sampler (and of --init)")
+    add("--hellaswag", metavar="FILE",
+        help="score HellaSwag (llm.c's eval file: prepro_hellaswag.py) at every validation after step 0 "
+             "and at the end (with --steps 0, once), as llm.c's -h 1")
+    add("--seed", type=int, default=1337, help="seed of the sampler")
     add("--output", help="write the trained model here, as an llm.c checkpoint")
     group = parser.add_argument_group("sampling")
     group.add_argument("--sample-every", type=int, default=20, help="sample every N steps and at the end (0 = never)")
@@ -65,13 +72,21 @@ def parse_args(depths, argv=None):
                        help="cosine decay of the learning rate to this fraction of --lr at the last step (1 = no decay)")
     group.add_argument("--decay-2d-only", action="store_true",
                        help="weight decay only on the weight matrices, as nanoGPT and llm.c's GPU trainer do")
-    group.add_argument("--log", metavar="FILE", help="write llm.c's main.log format: s:STEP trl:LOSS / s:STEP tel:LOSS")
+    group.add_argument("--shuffle", action="store_true",
+                       help="training batches in llm.c's shuffled order (mt19937 seeded 42; shards and their samples)")
+    group.add_argument("--beta1", type=float, default=0.9, help="AdamW's beta1")
+    group.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2 (llm.c's GPU trainer: 0.95)")
+    group.add_argument("--total-batch-size", type=int, metavar="TOKENS",
+                       help="tokens per step over all processes (llm.c's -d): sets --grad-accum to "
+                            "TOKENS / (B*T*processes), which must divide evenly")
+    group.add_argument("--log", metavar="FILE", help="write llm.c's main.log format: s:STEP trl:LOSS / s:STEP tel:LOSS (/ s:STEP eval:ACC)")
     group = parser.add_argument_group("getting GPT-2's weights")
     group.add_argument("--download", action="store_true",
                        help="first fetch what is missing of llm.c's starter pack (gpt2_124M.bin, its debug state, "
                             "gpt2_tokenizer.bin) into the --checkpoint's folder")
     group.add_argument("--download-data", action="store_true",
-                       help="first fetch the Tiny Shakespeare token files into the --train-data's folder")
+                       help="first fetch the Tiny Shakespeare token files and HellaSwag's eval file into the "
+                            "--train-data's folder")
     group.add_argument("--download-url", metavar="BASE", default="https://huggingface.co/datasets/karpathy/llmc-starter-pack/resolve/main",
                        help="where the starter pack's files are (a mirror)")
     group = parser.add_argument_group("checkpoints")
@@ -87,6 +102,11 @@ def parse_args(depths, argv=None):
     for name in ("steps", "val_every", "sample_every", "save_every", "top_k", "grad_clip", "warmup_steps"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative, not {getattr(args, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise InputError(f"--{name} must be at least 0 and below 1, not {getattr(args, name)}")
+    if args.total_batch_size is not None and args.total_batch_size <= 0:
+        raise InputError(f"--total-batch-size must be positive, not {args.total_batch_size}")
     if not 0.0 <= args.lr_min_frac <= 1.0:
         raise InputError(f"--lr-min-frac must be between 0 and 1, not {args.lr_min_frac}")
     check_numbers(args)
@@ -123,6 +143,22 @@ def check_output_path(option, path, folder=False):
         raise InputError(f"{option} {path}: no permission to write there")
 
 
+def set_grad_accum(args, num_processes):
+    # --total-batch-size: the gradient accumulation that makes a step of that many tokens
+    if args.total_batch_size is None:
+        return
+    tokens = args.batch_size * args.seq_len * num_processes  # of one forward/backward pass
+    if args.total_batch_size % tokens:
+        raise InputError(f"--total-batch-size {args.total_batch_size} is not a multiple of B*T*processes "
+                         f"= {args.batch_size}*{args.seq_len}*{num_processes} = {tokens}")
+    grad_accum = args.total_batch_size // tokens
+    if args.grad_accum not in (1, grad_accum):
+        raise InputError(f"--grad-accum {args.grad_accum} disagrees with --total-batch-size "
+                         f"{args.total_batch_size} (which gives {grad_accum}): give one of them")
+    args.grad_accum = grad_accum
+    print(f"total_batch_size {args.total_batch_size} => grad_accum_steps {grad_accum}")
+
+
 def check_options(args):
     # every path option, before anything is downloaded, built or trained: outputs must be writable,
     # inputs must be there (their contents are checked when read, still before the first step)
@@ -136,6 +172,40 @@ def check_options(args):
         check_output_path("--train-data", os.path.dirname(args.train_data) or ".", folder=True)
     if args.resume and not os.path.isdir(args.resume):
         raise InputError(f"--resume {args.resume}: not a folder")
+
+
+def check_outputs_spare_inputs(args, checkpoint, steps_done):
+    # No output may overwrite an input, another output, or anything but a regular file (a device,
+    # a FIFO). Files are compared by device and inode where both exist, else by real path. The
+    # trained model may replace its own starting checkpoint: that write is atomic.
+    inputs = [("the tokenizer", os.path.join(os.path.dirname(checkpoint) or ".", "gpt2_tokenizer.bin"))]
+    if not args.init:
+        inputs.append(("--checkpoint", checkpoint))
+    for option in ("--train-data", "--val-data", "--hellaswag"):
+        pattern = getattr(args, option[2:].replace("-", "_"), None)
+        if pattern:
+            inputs += [(option, path) for path in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])]
+    outputs = [(option, path) for option, path in (("--output", args.output), ("--log", args.log)) if path]
+    for option, path in outputs:
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError(f"{option} {path} is not a regular file (a device, FIFO or socket): give a file name")
+    for i, (option, path) in enumerate(outputs):
+        for what, other in inputs + outputs[i + 1:]:
+            if same_file(path, other) and not (option == "--output" and what == "--checkpoint"):
+                raise InputError(f"{option} {path} is {what} {other}: it would be overwritten; give another file")
+    # --output-dir's checkpoints, model_N.bin and state_N.bin for N past the steps done
+    if args.output_dir:
+        folder = os.path.realpath(args.output_dir)
+        for what, other in inputs + outputs:
+            match = CHECKPOINT_NAME.fullmatch(os.path.basename(other))
+            if match and int(match[1]) > steps_done and os.path.dirname(os.path.realpath(other)) == folder:
+                raise InputError(f"--output-dir {args.output_dir} would overwrite {what} {other} with a checkpoint")
+
+
+def same_file(a, b):
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_run_fits(config, num_parameters, args, steps_done):

@@ -61,11 +61,17 @@ def adamw_threaded(param, grad, m, v, learning_rate, beta1, beta2, eps, weight_d
     if ADAMW_POOL is None:
         ADAMW_POOL = ThreadPoolExecutor(usable_cpus())
     bounds = [param.size * i // num_parts for i in range(num_parts + 1)]
-    jobs = [ADAMW_POOL.submit(adamw_inplace, param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi],
-                               learning_rate, beta1, beta2, eps, weight_decay, t)
+    errstate = np.geterr()  # NumPy's error settings are per thread: the workers take the caller's
+    jobs = [ADAMW_POOL.submit(with_errstate, errstate, adamw_inplace, param[lo:hi], grad[lo:hi], m[lo:hi],
+                              v[lo:hi], learning_rate, beta1, beta2, eps, weight_decay, t)
             for lo, hi in zip(bounds[:-1], bounds[1:])]
     for job in jobs:
         job.result()  # (re-raises an exception from the thread, if any)
+
+
+def with_errstate(errstate, fn, *args):
+    with np.errstate(**errstate):
+        return fn(*args)
 
 
 # the faster forms use_device("cpu") puts in place of train_gpt2's plain layers, by name

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from llmc.utils import InputError, atomic_write, check_file, check_file_size, to_host
+from llmc.utils import InputError, all_finite, atomic_write, check_file, check_file_size, to_host
 
 HEADER_INTS = 256  # every llm.c file starts with a header of 256 int32
 
@@ -109,45 +109,59 @@ def read_tokens(path, vocab_size):
 # Every --save-every steps a run writes model_<steps>.bin, then state_<steps>.bin, each atomically:
 # a pair whose state exists is complete.
 
-RUN_STATE_MAGIC, RUN_STATE_VERSION = 20261122, 1
+RUN_STATE_MAGIC, RUN_STATE_VERSION = 20261122, 2  # version 1 (no loader position) still loads
 RUN_STATE_HEADER = 128  # uint64 values: 1024 bytes, like llm.c's headers
 
 
-def write_run_state(path, model, steps_done, train_loader, rng_state):
-    # header: magic, version, steps done, number of parameters, B, T, the loader's next batch, the
-    # sampler's RNG state, the number of processes (0 in older files: 1); then AdamW's m and v.
-    # B counts the rows of all processes: N processes with -b B/N read the data as one with -b B,
-    # so either can resume the other's run.
+def write_run_state(path, model, steps_done, train_loader, rng_state, position=None):
+    # header: magic, version, steps done, number of parameters, B, T, the loader's next sample, the
+    # sampler's RNG state, the number of processes, the length of the loader's position; then the
+    # position (llmc/dataloader.py: shard, sample, epoch, shard order, shuffle state; by default the
+    # lesson's one file, in order), then AdamW's m and v. B counts the rows of all processes: N
+    # processes with -b B/N read the data as one with -b B, so either can resume the other's run.
     n = model.params_memory.size
+    if position is None:
+        position = np.array([0, 0, 0, train_loader.current_batch, 1, 0], dtype="<u8")
+    position = np.asarray(position, dtype="<u8")
     header = np.zeros(RUN_STATE_HEADER, dtype="<u8")
-    header[:9] = [RUN_STATE_MAGIC, RUN_STATE_VERSION, steps_done, n,
-                  train_loader.num_processes * train_loader.B, train_loader.T, train_loader.current_batch,
-                  rng_state[0], train_loader.num_processes]
+    header[:10] = [RUN_STATE_MAGIC, RUN_STATE_VERSION, steps_done, n,
+                   train_loader.num_processes * train_loader.B, train_loader.T, position[3],
+                   rng_state[0], train_loader.num_processes, position.size]
     zeros = np.zeros(n, dtype=np.float32)  # no update yet: the moments are still zero
     with atomic_write(path) as f:
         f.write(header.tobytes())
+        f.write(position.tobytes())
         for moment in (model.m_memory, model.v_memory):
             f.write(zeros.tobytes() if moment is None else to_host(moment).astype("<f4", copy=False).tobytes())
 
 
 def read_run_state(path, num_parameters):
-    # the reverse: (steps done, B, T, next batch, RNG state, m, v), m and v NumPy arrays
+    # the reverse: (steps done, B, T, next sample, RNG state, loader position, m, v), the last three
+    # NumPy arrays; a version 1 state (one file, in order) gets the position that means the same
     check_file(path, "run state", "it is written next to model_<step>.bin by --output-dir")
     n = num_parameters
-    expected_size = RUN_STATE_HEADER * 8 + 2 * n * 4
     with open(path, "rb") as f:
         header = np.fromfile(f, dtype="<u8", count=RUN_STATE_HEADER)
-        if header.size != RUN_STATE_HEADER or header[0] != RUN_STATE_MAGIC or header[1] != RUN_STATE_VERSION:
+        if (header.size != RUN_STATE_HEADER or header[0] != RUN_STATE_MAGIC
+                or header[1] not in (1, RUN_STATE_VERSION)):
             raise InputError(f"{path}: not a run state of this trainer (expected magic {RUN_STATE_MAGIC}, "
-                             f"version {RUN_STATE_VERSION})")
+                             f"version {RUN_STATE_VERSION} or 1)")
+        words = int(header[9]) if header[1] == 2 else 0
+        expected_size = RUN_STATE_HEADER * 8 + words * 8 + 2 * n * 4
         actual_size = os.fstat(f.fileno()).st_size
         if header[3] != n or actual_size != expected_size:
             raise InputError(f"{path}: holds {header[3]:,} parameters in {actual_size:,} bytes, but its model has "
                              f"{n:,} ({expected_size:,} bytes expected)")
+        position = np.fromfile(f, dtype="<u8", count=words)
         m = np.fromfile(f, dtype="<f4", count=n)
         v = np.fromfile(f, dtype="<f4", count=n)
+    # AdamW's moments: finite, and the second a mean of squares, never negative
+    if not (all_finite(m) and all_finite(v) and v.min() >= 0):
+        raise InputError(f"{path}: AdamW's moments hold inf, nan or a negative second moment: not a state to resume")
     steps_done, _, B, T, next_batch, rng = (int(x) for x in header[2:8])
-    return steps_done, B, T, next_batch, rng, m, v
+    if header[1] == 1:
+        position = np.array([0, 0, 0, next_batch, 1, 0], dtype="<u8")
+    return steps_done, B, T, next_batch, rng, position, m, v
 
 
 def latest_checkpoint(run_dir):

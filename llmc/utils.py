@@ -47,6 +47,11 @@ def atomic_write(path):
             os.remove(tmp_path)
 
 
+def all_finite(array):
+    # no inf or nan in array: its max and min show both (nan propagates), with no temporary array
+    return bool(np.isfinite(float(array.max())) and np.isfinite(float(array.min())))
+
+
 def to_host(array):
     # a NumPy array of a device array (a copy from the GPU), for files and the sampler
     return array if isinstance(array, np.ndarray) else array.get()

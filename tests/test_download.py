@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import download_starter_pack as dl
-from helpers import MODEL, ROOT, STATE, TOKENIZER_MAGIC, header, token_bytes
+from helpers import FIXTURES, MODEL, ROOT, STATE, TOKENIZER_MAGIC, header, token_bytes
 
 
 def starter_pack():
@@ -21,6 +21,7 @@ def starter_pack():
         "gpt2_tokenizer.bin": header(TOKENIZER_MAGIC, 2, 2, 1) + b"\x01a\x02bc",
         "tiny_shakespeare_train.bin": token_bytes(np.arange(3000) % 777),
         "tiny_shakespeare_val.bin": token_bytes(np.arange(500) % 777),
+        "hellaswag_val.bin": open(os.path.join(FIXTURES, "hellaswag_tiny.bin"), "rb").read(),
     }
 
 
@@ -81,7 +82,7 @@ def server():
 def test_full_download(tmp_path, server):
     dl.download_starter_pack(str(tmp_path), str(tmp_path / "data"), server.url)
     for name, data in server.files.items():
-        folder = tmp_path / "data" if name.startswith("tiny") else tmp_path
+        folder = tmp_path / "data" if name in dl.DATA_FILES else tmp_path
         assert (folder / name).read_bytes() == data
     assert sorted(os.listdir(tmp_path)) == ["data", *sorted(dl.MODEL_FILES)]  # no .partial left
     server.requests.clear()
@@ -131,6 +132,8 @@ def test_server_error(tmp_path, server):
     ("tiny_shakespeare_val.bin", lambda d: d[:-2], "header implies"),
     ("gpt2_124M_debug_state.bin", lambda d: b"<html>not found</html>" + d[22:], "not llm.c's magic 20240327"),
     ("gpt2_tokenizer.bin", lambda d: d[:100], "too short"),
+    ("hellaswag_val.bin", lambda d: d[:1100], "shorter than its longest example"),
+    ("hellaswag_val.bin", lambda d: d[4:8] + d[4:], "not llm.c's magic 20240522"),
 ])
 def test_bad_file_is_not_kept(tmp_path, server, name, damage, fragment):
     server.files[name] = damage(server.files[name])

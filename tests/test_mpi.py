@@ -16,7 +16,7 @@ import pytest
 
 from llmc import distributed
 import train_gpt2 as tg
-from helpers import MODEL, ROOT, assert_one_error_line, run, write_tokens
+from helpers import FIXTURES, MODEL, ROOT, assert_one_error_line, run, write_tokens
 
 def find_mpiexec():
     # the mpiexec of the MPI that mpi4py uses: the one pip's mpich put beside this Python, else the PATH's
@@ -274,6 +274,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert status != 0
     assert "error: rank 1: MemoryError: planted" in err.splitlines()
     assert "step 3:" not in out
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_hellaswag_on_several_processes_counts_as_one(n, data, tmp_path):
+    # the fixture's 38 examples that fit, in 4 batches: each process scores every n-th batch
+    # (with 5, one scores none) and the counts add up to one process's, to the example
+    args = train_args(data, "-b", "2", "--steps", "0", "--sample-every", "0",
+                      "--hellaswag", os.path.join(FIXTURES, "hellaswag_tiny.bin"))
+    one = run("train_gpt2.py", *args, env=clean_env())
+    many = mpiexec(n, *args, "--log", str(tmp_path / "main.log"))
+    assert one.returncode == 0 and many.returncode == 0, one.stderr + many.stdout + many.stderr
+    line = [line for line in one.stdout.splitlines() if line.startswith("HellaSwag: ") and "=" in line]
+    assert line == ["HellaSwag: 20/38 = 0.526316"]
+    assert [line for line in many.stdout.splitlines() if line.startswith("HellaSwag: ")] == [
+        "HellaSwag: 38 examples in 4 batches; 2 skipped, longer than the model's context", *line]
+    assert "s:0 eval:0.5263" in (tmp_path / "main.log").read_text().splitlines()
 
 
 @pytest.mark.parametrize("N", [1, 2, 3])

@@ -197,7 +197,28 @@ def test_prompt_is_continued(tmp_path, data):
                                             (["--top-k", "800"], "--top-k 800 exceeds the vocab size 777"),
                                             (["--grad-accum", "0"], "--grad-accum must be positive"),
                                             (["--lr-min-frac", "2"], "--lr-min-frac must be between 0 and 1"),
-                                            (["--gen-tokens", "65"], "exceed the model's max_seq_len 64")])
+                                            (["--gen-tokens", "65"], "exceed the model's max_seq_len 64"),
+                                            (["--beta1", "1"], "--beta1 must be at least 0 and below 1"),
+                                            (["--beta2", "nan"], "--beta2 must be at least 0 and below 1"),
+                                            (["--total-batch-size", "0"], "--total-batch-size must be positive"),
+                                            (["--total-batch-size", "100"], "not a multiple of B*T*processes = 2*16*1 = 32"),
+                                            (["--total-batch-size", "96", "--grad-accum", "2"], "disagrees")])
 def test_bad_sampling_and_training_options(tmp_path, data, args, fragment):
     result = run(*data, *args, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+
+
+def test_total_batch_size_and_betas(tmp_path, data):
+    # --total-batch-size 96 at -b 2 -t 16 is --grad-accum 3; the betas reach AdamW (other betas,
+    # other losses after the first update)
+    def losses(*args):
+        result = run(*data, "--steps", "3", "--val-every", "0", "--sample-every", "0", "--lr", "1e-3", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return re.findall(r"^step \d+: train loss [\d.]+", result.stdout, re.M), result.stdout
+    accum, _ = losses("--grad-accum", "3")
+    total, out = losses("--total-batch-size", "96")
+    assert total == accum and "grad_accum_steps 3" in out
+    default, _ = losses()
+    assert losses("--beta1", "0.9", "--beta2", "0.999")[0] == default
+    betas, _ = losses("--beta2", "0.95")
+    assert betas[0] == default[0] and betas[1:] != default[1:]

@@ -141,8 +141,21 @@ def test_run_state_round_trip(tmp_path):
     loader.current_batch = 7
     formats.write_run_state(str(tmp_path / "state.bin"), model, 42, loader, [2**64 - 5])
     n = model.params_memory.size
-    *header, m, v = formats.read_run_state(str(tmp_path / "state.bin"), n)
+    *header, position, m, v = formats.read_run_state(str(tmp_path / "state.bin"), n)
     assert header == [42, 4, 16, 7, 2**64 - 5]
+    assert position.tolist() == [0, 0, 0, 7, 1, 0]  # the lesson's loader: one shard, in order, sample 7
+    # a sharded, shuffled loader's whole position comes back word for word
+    words = np.arange(5, 640, dtype=np.uint64)
+    formats.write_run_state(str(tmp_path / "state2.bin"), model, 43, loader, [9], words)
+    assert formats.read_run_state(str(tmp_path / "state2.bin"), n)[5].tolist() == words.tolist()
+    # a version 1 state (written before loader positions) still loads, as the same position
+    old = bytearray((tmp_path / "state.bin").read_bytes())
+    old[8:16], old[72:80] = np.uint64(1).tobytes(), np.uint64(0).tobytes()  # version 1, no position words
+    del old[1024:1024 + 6 * 8]
+    (tmp_path / "v1.bin").write_bytes(bytes(old))
+    *header, position, m1, _ = formats.read_run_state(str(tmp_path / "v1.bin"), n)
+    assert header == [42, 4, 16, 7, 2**64 - 5] and position.tolist() == [0, 0, 0, 7, 1, 0]
+    np.testing.assert_array_equal(m1, model.m_memory)
     np.testing.assert_array_equal(m, model.m_memory)
     np.testing.assert_array_equal(v, model.v_memory)
     # a state of another model, or a file that isn't a state, is refused with the file named
