@@ -18,6 +18,7 @@ import struct
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/llmc-starter-pack/resolve/main"
@@ -32,6 +33,24 @@ MAGIC = {"gpt2_124M.bin": (20240326, (3,)), "gpt2_124M_debug_state.bin": (202403
 
 class DownloadError(Exception):
     """Reported as one line 'error: ...' (exit status 1)."""
+
+
+def check_url(url, option):
+    # bad input, said before any work (exit status 2): not an http(s) URL with a host
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"{option} {url}: not a URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{option} {url}: expected an http:// or https:// URL")
+
+
+def content_length(headers, name, default=0):
+    # a header's number, or default where it is missing or not a number
+    try:
+        return int(headers.get(name) or default)
+    except ValueError:
+        return default
 
 
 def check_header(path, name):
@@ -76,7 +95,7 @@ def download(url, path, name, source=BASE_URL):
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # nothing left to send: the partial file is complete
-            total = int(e.headers.get("Content-Range", "*/-1").split("/")[-1])
+            total = content_length({"total": e.headers.get("Content-Range", "*/-1").split("/")[-1]}, "total", -1)
             if total == start:
                 return finish(partial, path, name, source)
             os.remove(partial)  # it doesn't match the file on the server: start over
@@ -89,7 +108,7 @@ def download(url, path, name, source=BASE_URL):
     with response:
         if start and response.status != 206:
             start = 0  # the server ignored Range: it sends the whole file again
-        length = int(response.headers.get("Content-Length") or 0)
+        length = content_length(response.headers, "Content-Length")
         total = start + length if length else 0
         done, t0 = start, time.time()
         try:
@@ -134,13 +153,27 @@ def download_starter_pack(model_dir=".", data_dir=None, base_url=BASE_URL):
         download(f"{base_url.rstrip('/')}/{name}", path, name)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad option: one line, exit status 2, as the trainer's
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Download llm.c's starter pack (GPT-2 124M) from Hugging Face.")
+    parser = ArgumentParser(description="Download llm.c's starter pack (GPT-2 124M) from Hugging Face.")
     parser.add_argument("--dir", default=".", help="where to put the model files (default: here)")
     parser.add_argument("--data", action="store_true", help="also fetch the Tiny Shakespeare token files and HellaSwag's eval file")
     parser.add_argument("--data-dir", default="data", help="where the token files go (default: data)")
     parser.add_argument("--download-url", default=BASE_URL, help="the starter pack's base URL (a mirror)")
     args = parser.parse_args()
+    try:
+        check_url(args.download_url, "--download-url")
+        for option, folder in (("--dir", args.dir), ("--data-dir", args.data_dir if args.data else None)):
+            if folder and os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(f"{option} {folder} is a file, not a folder")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         download_starter_pack(args.dir, args.data_dir if args.data else None, args.download_url)
     except DownloadError as e:

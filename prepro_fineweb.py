@@ -21,7 +21,6 @@ nothing more. Tokenizing runs on all cores. A rerun resumes after the last finis
 small progress file records where each shard ended); each shard is written atomically.
 """
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
 from llmc.utils import InputError, atomic_write
+from download_starter_pack import ArgumentParser  # one line for a bad option, exit status 2
 
 EOT = 50256  # GPT-2's <|endoftext|>
 HF = "https://huggingface.co"
@@ -180,7 +180,7 @@ def download_parquet(dataset, version, folder, hf=HF):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize FineWeb into llm.c's token shards (GPT-2).")
+    parser = ArgumentParser(description="Tokenize FineWeb into llm.c's token shards (GPT-2).")
     parser.add_argument("-t", "--type", choices=["classic", "edu"], default="classic", help="FineWeb or FineWeb-Edu")
     parser.add_argument("-v", "--version", choices=["10B", "100B"], default="10B", help="the sample's size")
     parser.add_argument("-s", "--shard-size", type=int, default=10**8, help="tokens per shard")
@@ -195,7 +195,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shard_size <= 0 or args.processes <= 0:
         raise InputError("--shard-size and --processes must be positive")
-    from download_starter_pack import DownloadError
+    from download_starter_pack import DownloadError, check_url
     dataset, name = DATASETS[args.type]
     folder = args.output_dir or os.path.join("data", f"{name}{args.version}")
     os.makedirs(folder, exist_ok=True)
@@ -205,6 +205,10 @@ def main(argv=None):
                 raise InputError(f"--input {path}: no such file")
         paths = args.input
     else:
+        try:
+            check_url(args.hf_url, "--hf-url")
+        except ValueError as e:
+            raise InputError(str(e)) from None
         try:
             paths = download_parquet(dataset, args.version, os.path.join(folder, "parquet"), args.hf_url)
         except DownloadError as e:

@@ -19,7 +19,6 @@ GPT-2 files:
     $ python prepro_hellaswag.py --input path/to/hellaswag_val.jsonl --output-dir data
 """
 
-import argparse
 import json
 import os
 import sys
@@ -28,10 +27,10 @@ import numpy as np
 
 # the starter pack's download (progress, resumed, complete under its name or absent), the trainer's
 # atomic write, and llm.c's eval format as the trainer reads it
-from download_starter_pack import DownloadError, download
 from llmc.formats import HEADER_INTS
 from llmc.hellaswag import COMPLETIONS, EVAL_MAGIC, EVAL_VERSION, START_EXAMPLE
 from llmc.utils import atomic_write
+from download_starter_pack import ArgumentParser, DownloadError, download  # (a bad option: one line)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 SOURCE = "https://github.com/rowanz/hellaswag (data/hellaswag_val.jsonl)"
@@ -164,7 +163,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write HellaSwag's validation set in llm.c's eval format.")
+    parser = ArgumentParser(description="Write HellaSwag's validation set in llm.c's eval format.")
     parser.add_argument("--input", metavar="FILE.jsonl", help="a local copy of hellaswag_val.jsonl, instead of "
                                                               "downloading it")
     parser.add_argument("--output-dir", metavar="DIR", default="data",

@@ -18,7 +18,6 @@ tiktoken's GPT-2 files (tiktoken downloads them on first use):
     $ python prepro_tinyshakespeare.py --input path/to/input.txt --output-dir data
 """
 
-import argparse
 import http.client
 import os
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 # file format: a 256-int32 header (magic 20240520, version 1, token count), then uint16 tokens
 from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
 from llmc.utils import atomic_write
+from download_starter_pack import ArgumentParser  # one line for a bad option, exit status 2
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 VAL_TOKENS = 32768                          # the first 32,768 tokens are the validation split
@@ -156,7 +156,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Tokenize Tiny Shakespeare into llm.c's token files.")
+    parser = ArgumentParser(description="Tokenize Tiny Shakespeare into llm.c's token files.")
     parser.add_argument("--input", metavar="PATH", help="a local copy of the text, instead of downloading it")
     parser.add_argument("--output-dir", metavar="DIR", default="data",
                         help="where the text is downloaded and the .bin files are written (default: %(default)s)")

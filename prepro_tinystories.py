@@ -12,7 +12,6 @@ varies from run to run, while ours is always the same. Shards are tokenized on a
 written as they come, in order: the 925M training tokens are never all in memory.
 """
 
-import argparse
 import glob
 import json
 import multiprocessing
@@ -25,6 +24,7 @@ import numpy as np
 
 from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
 from llmc.utils import InputError, atomic_write
+from download_starter_pack import ArgumentParser  # one line for a bad option, exit status 2
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 EOT = 50256  # GPT-2's <|endoftext|>
@@ -74,7 +74,7 @@ def write_split(path, shards, processes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize TinyStories into llm.c's token files (GPT-2).")
+    parser = ArgumentParser(description="Tokenize TinyStories into llm.c's token files (GPT-2).")
     parser.add_argument("--input", help="TinyStories_all_data.tar.gz or a folder of its *.json (default: download)")
     parser.add_argument("--output-dir", default="data", help="where TinyStories_{val,train}.bin go")
     parser.add_argument("--processes", type=int, default=os.cpu_count(), help="tokenizing processes")

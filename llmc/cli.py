@@ -166,6 +166,12 @@ def check_options(args):
                                  ("--output-dir", args.output_dir, True)]:
         if path:
             check_output_path(option, path, folder)
+    if args.download or args.download_data:
+        from download_starter_pack import check_url  # standard library only
+        try:
+            check_url(args.download_url, "--download-url")
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if args.download:
         check_output_path("--checkpoint", os.path.dirname(args.checkpoint) or ".", folder=True)
     if args.download_data:

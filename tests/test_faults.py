@@ -1,10 +1,12 @@
 """The inputs and faults real users and clusters produce (issue 23): each gets one line and an exit
 status, and nothing is lost or left half-written."""
 
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -329,3 +331,50 @@ def test_adamw_threads_take_the_callers_numpy_error_settings(monkeypatch):
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("error")  # a RuntimeWarning from a worker would fail here
         cpu.adamw_threaded(param, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 2)
+
+
+# 9. downloads: bad input is one line (exit 2), a misbehaving server one line (exit 1)
+
+@pytest.mark.parametrize("script", ["download_starter_pack.py", "prepro_tinyshakespeare.py", "prepro_hellaswag.py",
+                                    "prepro_tinystories.py", "prepro_fineweb.py"])
+def test_a_bad_option_of_any_script_is_one_line(tmp_path, script):
+    assert_one_error_line(run(script, "--no-such-option", cwd=tmp_path), "unrecognized arguments: --no-such-option")
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://example.com/x", "http://[::1", "https://"])
+def test_a_malformed_url_is_one_line(tmp_path, url):
+    assert_one_error_line(run("download_starter_pack.py", "--download-url", url, cwd=tmp_path), "--download-url")
+    assert_one_error_line(run("train_gpt2.py", "--download", "--download-url", url, cwd=tmp_path), "--download-url")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_destination_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert_one_error_line(run("download_starter_pack.py", "--dir", "afile", cwd=tmp_path), "--dir afile is a file")
+
+
+class LyingServer(http.server.BaseHTTPRequestHandler):
+    # a server whose lengths are nonsense: a Content-Length that is not a number, then HTML
+    def do_GET(self):
+        body = b"<html>not a model</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", "lots")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_with_nonsense_lengths_and_html_is_one_line(tmp_path):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LyingServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        result = run("download_starter_pack.py", "--download-url", f"http://127.0.0.1:{httpd.server_address[1]}",
+                     cwd=tmp_path)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    result.stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("downloading "))
+    assert_one_error_line(result, "gpt2_124M.bin", "the server sent something else", status=1)
+    assert os.listdir(tmp_path) == []  # neither the file nor a .partial that cannot be resumed
