@@ -378,3 +378,22 @@ def test_a_server_with_nonsense_lengths_and_html_is_one_line(tmp_path):
     result.stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("downloading "))
     assert_one_error_line(result, "gpt2_124M.bin", "the server sent something else", status=1)
     assert os.listdir(tmp_path) == []  # neither the file nor a .partial that cannot be resumed
+
+
+def test_ctrl_c_after_the_last_step_says_what_was_written(tmp_path, monkeypatch):
+    from llmc.run import Interrupted
+
+    def interrupted(model, path):
+        raise KeyboardInterrupt
+    data = write_tokens(tmp_path / "tokens.bin", np.arange(600) % 700)
+    out, final = tmp_path / "run", tmp_path / "final.bin"
+    args = cli.parse_args(tg.DEPTHS, ["--checkpoint", MODEL, "--train-data", data, "--val-data", data, "-b", "2",
+                                      "-t", "8", "--steps", "2", "--val-every", "0", "--sample-every", "0",
+                                      "--output-dir", str(out), "--output", str(final)])
+    real_write = tg.gpt2_write_checkpoint
+    monkeypatch.setattr(tg, "gpt2_write_checkpoint",
+                        lambda model, path: (interrupted if path == str(final) else real_write)(model, path))
+    with pytest.raises(Interrupted, match=rf"interrupted after training finished \(2 steps\); --output {final} was "
+                                          rf"not written; the newest checkpoint is after step 2 in {out}") as e:
+        tg.main(args)
+    assert e.value.status == 130 and not final.exists()
