@@ -77,6 +77,7 @@ def main(argv=None):
     parser = ArgumentParser(description="Tokenize TinyStories into llm.c's token files (GPT-2).")
     parser.add_argument("--input", help="TinyStories_all_data.tar.gz or a folder of its *.json (default: download)")
     parser.add_argument("--output-dir", default="data", help="where TinyStories_{val,train}.bin go")
+    parser.add_argument("--url", default=URL, help="where to download TinyStories_all_data.tar.gz from (a mirror)")
     parser.add_argument("--processes", type=int, default=os.cpu_count(), help="tokenizing processes")
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -86,7 +87,7 @@ def main(argv=None):
         path = os.path.join(args.output_dir, "TinyStories_all_data.tar.gz")
         try:
             if not os.path.exists(path):
-                download(URL, path, "TinyStories_all_data.tar.gz", URL)
+                download(args.url, path, "TinyStories_all_data.tar.gz", URL)
         except DownloadError as e:
             raise SystemExit(f"error: {e}") from None  # a network failure: one line, exit status 1
     if not os.path.exists(path):
