@@ -322,7 +322,8 @@ def main(argv=None):
         sys.exit(f"error: token file {args.data} not found: run `python prepro_tinyshakespeare.py` first")
     if args.torch_worker:
         return torch_worker(args)
-    cpu.keep_freed_memory()  # ours runs as train_gpt2.py runs it
+    cpu.keep_freed_memory()  # ours runs as train_gpt2.py runs it: malloc tuned, the faster layers in
+    tg.use_device("cpu")
     print(machine_info())
     B, T = args.batch_size, args.seq_len
     torch_too = not args.no_torch and importlib.util.find_spec("torch") is not None

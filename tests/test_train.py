@@ -8,7 +8,7 @@ import pytest
 
 import test_gpt2
 import train_gpt2 as tg
-from llmc import formats
+from llmc import cpu, formats
 from helpers import FIXTURE_ARGS, TIGHT, run, write_tokens
 
 
@@ -78,6 +78,8 @@ def test_a_broken_gradient_fails(monkeypatch, capsys, layer, breaking):
     monkeypatch.setattr(tg, layer, broken)
     if layer in tg.PLAIN_LAYERS:  # what use_device("cpu") puts in place
         monkeypatch.setitem(tg.PLAIN_LAYERS, layer, broken)
+    if layer in cpu.FASTER_LAYERS:  # and its faster form, which use_device("cpu") puts over it
+        monkeypatch.setitem(cpu.FASTER_LAYERS, layer, breaking(cpu.FASTER_LAYERS[layer]))
     assert test_gpt2.main(test_gpt2.parse_args(FIXTURE_ARGS + TIGHT)) == 1
     assert "overall okay: 0" in capsys.readouterr().out
 
