@@ -30,7 +30,8 @@ import urllib.request
 
 import numpy as np
 
-from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
+from llmc.cpu import usable_cpus
+from llmc.formats import write_tokens
 from llmc.utils import InputError, atomic_write
 from download_starter_pack import ArgumentParser  # one line for a bad option, exit status 2
 
@@ -87,11 +88,7 @@ def shard_path(folder, name, index):
 
 
 def write_shard(path, tokens):
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, len(tokens)]
-    with atomic_write(path) as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
+    write_tokens(path, tokens)
 
 
 def write_shards(texts, folder, name, shard_size, processes, progress_path, settings):
@@ -189,8 +186,7 @@ def main(argv=None):
                              "\"text\" field, read in the order given")
     parser.add_argument("--hf-url", default=HF, help="Hugging Face, or a mirror of it")
     parser.add_argument("--output-dir", help="where the shards go (default: data/fineweb10B, data/edu_fineweb100B, ...)")
-    parser.add_argument("--processes", type=int, default=max(1, len(os.sched_getaffinity(0))
-                                                               if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
+    parser.add_argument("--processes", type=int, default=usable_cpus(),
                         help="tokenizing processes (default: all usable cores)")
     args = parser.parse_args(argv)
     if args.shard_size <= 0 or args.processes <= 0:

@@ -23,25 +23,16 @@ import json
 import os
 import sys
 
-import numpy as np
 
 # the starter pack's download (progress, resumed, complete under its name or absent), the trainer's
 # atomic write, and llm.c's eval format as the trainer reads it
-from llmc.formats import HEADER_INTS
+from llmc.formats import tokens_header, write_tokens
 from llmc.hellaswag import COMPLETIONS, EVAL_MAGIC, EVAL_VERSION, START_EXAMPLE
-from llmc.utils import atomic_write
 from download_starter_pack import ArgumentParser, DownloadError, download  # (a bad option: one line)
+from prepro_tinyshakespeare import PreproError, make_output_dir  # one line, its exit status
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 SOURCE = "https://github.com/rowanz/hellaswag (data/hellaswag_val.jsonl)"
-
-
-class PreproError(Exception):
-    """A problem reported as one line 'error: ...', exiting with its status (2: bad input, 1: network)."""
-
-    def __init__(self, message, status):
-        super().__init__(message)
-        self.status = status
 
 
 # ----------------------------------------------------------------------------
@@ -122,24 +113,12 @@ def render_example(enc, example, index):
 
 def write_evalfile(path, streams):
     # llm.c's eval file: the header (magic, version, examples, the longest in bytes), the examples
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:4] = [EVAL_MAGIC, EVAL_VERSION, len(streams), max(stream[1] for stream in streams)]
-    body = np.array([token for stream in streams for token in stream], dtype="<u2")
+    header = tokens_header(len(streams), EVAL_MAGIC, EVAL_VERSION, max(stream[1] for stream in streams))
     print(f"writing {len(streams):,} examples to {path}")
     try:
-        with atomic_write(path) as f:
-            f.write(header.tobytes())
-            f.write(body.tobytes())
+        write_tokens(path, [token for stream in streams for token in stream], header)
     except OSError as e:
         raise PreproError(f"could not write {path} ({e.strerror}); expected a writable folder", 2) from None
-
-
-def make_output_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise PreproError(f"could not create the output folder {path} ({e.strerror}); expected a folder "
-                          f"path that is not a file", 2) from None
 
 
 def main(args):

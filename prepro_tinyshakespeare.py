@@ -24,11 +24,10 @@ import sys
 import urllib.error
 import urllib.request
 
-import numpy as np
 
 # the trainer's atomic write (a file is complete under its name, or absent) and llm.c's token
 # file format: a 256-int32 header (magic 20240520, version 1, token count), then uint16 tokens
-from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
+from llmc.formats import HEADER_INTS, write_tokens
 from llmc.utils import atomic_write
 from download_starter_pack import ArgumentParser  # one line for a bad option, exit status 2
 
@@ -97,14 +96,10 @@ def tokenize(text):
 
 def write_datafile(path, tokens):
     # llm.c's token file: a 256-int32 header, then the tokens as uint16, both little-endian
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, len(tokens)]
-    body = np.array(tokens, dtype="<u2")  # GPT-2's 50,257 token ids all fit in 16 bits
-    print(f"writing {len(tokens):,} tokens to {path} ({header.nbytes + body.nbytes:,} bytes)")
+    # (GPT-2's 50,257 token ids all fit in 16 bits)
+    print(f"writing {len(tokens):,} tokens to {path} ({HEADER_INTS * 4 + 2 * len(tokens):,} bytes)")
     try:
-        with atomic_write(path) as f:
-            f.write(header.tobytes())
-            f.write(body.tobytes())
+        write_tokens(path, tokens)
     except OSError as e:
         raise PreproError(f"could not write {path} ({e.strerror}); expected a writable folder", 2) from None
 

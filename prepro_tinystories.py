@@ -22,7 +22,7 @@ import tarfile
 
 import numpy as np
 
-from llmc.formats import HEADER_INTS, TOKENS_MAGIC, TOKENS_VERSION
+from llmc.formats import tokens_header
 from llmc.utils import InputError, atomic_write
 from download_starter_pack import ArgumentParser  # one line for a bad option, exit status 2
 
@@ -60,16 +60,14 @@ def write_split(path, shards, processes):
     # tokenize the shards in parallel, writing each one's tokens in order; then the header's count
     count = 0
     with atomic_write(path) as f:
-        f.write(np.zeros(HEADER_INTS, dtype="<i4").tobytes())  # (the count is known at the end)
+        f.write(tokens_header(0))  # (the count is known at the end)
         jobs = ((k, name, read()) for k, (name, read) in enumerate(shards))
         with multiprocessing.Pool(processes) as pool:
             for tokens in pool.imap(tokenize_shard, jobs):
                 f.write(tokens.tobytes())
                 count += tokens.size
-        header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = [TOKENS_MAGIC, TOKENS_VERSION, count]
         f.seek(0)
-        f.write(header.tobytes())
+        f.write(tokens_header(count))
     print(f"writing {count:,} tokens to {path}")
 
 

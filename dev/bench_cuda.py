@@ -97,6 +97,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt2 as tg  # noqa: E402
 from llmc import cpu, formats, tokenizer  # noqa: E402
+from llmc.device import describe_device  # noqa: E402
 
 # name: (label, TF32 matmuls, scaled_dot_product_attention, bf16 autocast)
 TORCH_VARIANTS = {
@@ -207,7 +208,7 @@ class Device:
         self.gpu_name = name.decode() if isinstance(name, bytes) else str(name)  # bytes or str, by CuPy version
 
     def describe(self):
-        return device.describe_device() + (" (simulating the GPU run: no GPU calls, no GPU memory figures)" if self.simulated else "")
+        return describe_device() + (" (simulating the GPU run: no GPU calls, no GPU memory figures)" if self.simulated else "")
 
     def pool(self):
         # the memory pool our arrays come from: the one whose malloc is CuPy's allocator (its default pool

@@ -4,12 +4,12 @@ option in its range, every output writable, the run within the memory there is.
 """
 
 import argparse
-import glob
 import math
 import os
 import stat
 
 from llmc.device import CUPY_INSTALL, available_memory, training_memory
+from llmc.dataloader import shard_paths
 from llmc.formats import CHECKPOINT_NAME
 from llmc.utils import InputError
 
@@ -190,7 +190,7 @@ def check_outputs_spare_inputs(args, checkpoint, steps_done):
     for option in ("--train-data", "--val-data", "--hellaswag"):
         pattern = getattr(args, option[2:].replace("-", "_"), None)
         if pattern:
-            inputs += [(option, path) for path in (glob.glob(pattern) if glob.has_magic(pattern) else [pattern])]
+            inputs += [(option, path) for path in shard_paths(pattern, option)]
     outputs = [(option, path) for option, path in (("--output", args.output), ("--log", args.log)) if path]
     for option, path in outputs:
         if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):

@@ -51,22 +51,22 @@ def usable_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-ADAMW_POOL = None  # the threads of all the faster forms, started on first use and kept
+POOL = None  # the threads of the faster forms, started on first use and kept
 
 
 def on_all_cores(fn, size, min_part):
     # fn(lo, hi) over [0, size) cut into a part per core, none smaller than min_part (a chunk:
     # a small array stays on this thread); NumPy lets go of the GIL inside its loops, so the parts
     # run at once. Returns fn's results, in order.
-    global ADAMW_POOL
+    global POOL
     num_parts = max(1, min(usable_cpus(), size // max(1, min_part)))
     if num_parts == 1:
         return [fn(0, size)]
-    if ADAMW_POOL is None:
-        ADAMW_POOL = ThreadPoolExecutor(usable_cpus())
+    if POOL is None:
+        POOL = ThreadPoolExecutor(usable_cpus())
     bounds = [size * i // num_parts for i in range(num_parts + 1)]
     errstate = np.geterr()  # NumPy's error settings are per thread: the workers take the caller's
-    jobs = [ADAMW_POOL.submit(with_errstate, errstate, fn, lo, hi)
+    jobs = [POOL.submit(with_errstate, errstate, fn, lo, hi)
             for lo, hi in zip(bounds[:-1], bounds[1:])]
     return [job.result() for job in jobs]  # (re-raises an exception from a thread, if any)
 

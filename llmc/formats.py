@@ -74,6 +74,20 @@ def checkpoint_header(config):
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
 
 
+def tokens_header(count, magic=TOKENS_MAGIC, version=TOKENS_VERSION, *more):
+    # the 1024 bytes before uint16 tokens: magic, version, count (and more, for an eval file)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3 + len(more)] = [magic, version, count, *more]
+    return header.tobytes()
+
+
+def write_tokens(path, tokens, header=None):
+    # an llm.c token file, written atomically: the header (by default a token file's), the tokens
+    with atomic_write(path) as f:
+        f.write(tokens_header(len(tokens)) if header is None else header)
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
 def read_tokens(path, vocab_size):
     # a token file as a NumPy array (a memory map: only what is read is loaded). Older llm.c files
     # have no header: just int32 tokens.

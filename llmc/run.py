@@ -104,7 +104,6 @@ def setup(args, lesson):
     keep_freed_memory()
     lesson.use_device(args.device, tf32=bool(args.tf32), dtype=args.dtype, attention=args.attention)
     print(f"device: {describe_device()}")
-    B, T = args.batch_size, args.seq_len
     if args.resume:
         args.init = None
         args.output_dir = args.output_dir or args.resume

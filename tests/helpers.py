@@ -87,3 +87,14 @@ def assert_one_error_line(result, *fragments, status=2):
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in result.stderr
+
+
+def gpt2_encoding():
+    # GPT-2's tokenizer, to compute expected tokens independently of the scripts; skip without it
+    import pytest
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken cannot load the gpt2 encoding (offline without TIKTOKEN_CACHE_DIR?): "
+                    f"{type(e).__name__}")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -176,17 +175,17 @@ def test_numpy_error_state_is_left_alone(tmp_path, data):
 
 
 def test_adamw_keeps_one_pool_and_leaves_small_tensors_whole(monkeypatch):
-    monkeypatch.setattr(cpu, "ADAMW_POOL", None)
+    monkeypatch.setattr(cpu, "POOL", None)
     monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
     small = [np.ones(768, np.float32) for _ in range(4)]
     cpu.adamw_threaded(*small, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
-    assert cpu.ADAMW_POOL is None  # done inline: no threads for 768 floats
+    assert cpu.POOL is None  # done inline: no threads for 768 floats
     big = [np.ones(4 * cpu.ADAMW_CHUNK + 5, np.float32) for _ in range(4)]
     cpu.adamw_threaded(*big, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
-    pool = cpu.ADAMW_POOL
+    pool = cpu.POOL
     assert pool is not None
     cpu.adamw_threaded(*big, 1e-3, 0.9, 0.999, 1e-8, 0.0, 2)
-    assert cpu.ADAMW_POOL is pool
+    assert cpu.POOL is pool
     pool.shutdown()
 
 

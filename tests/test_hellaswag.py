@@ -13,7 +13,7 @@ import pytest
 import train_gpt2 as tg
 from llmc import hellaswag as hs
 from llmc.distributed import SingleProcess
-from helpers import FIXTURES, MODEL, assert_one_error_line, run, usable_gpu, write_tokens
+from helpers import FIXTURES, MODEL, assert_one_error_line, gpt2_encoding, run, usable_gpu, write_tokens
 from test_download import Server
 
 # written by dev/make_hellaswag_reference.py: 40 examples of random tokens for the tiny model
@@ -28,13 +28,6 @@ SAMPLE = os.path.join(FIXTURES, "hellaswag_sample.jsonl")
 LLMC_SHA256 = "c5aa163c7604079396fceed865b3c3cf82a951b1be8033e1602aa419093fdcdf"
 
 
-def gpt2_encoding():
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        pytest.skip(f"tiktoken cannot load the gpt2 encoding (offline without TIKTOKEN_CACHE_DIR?): "
-                    f"{type(e).__name__}")
 
 
 def prepro(*args, cwd=None):

@@ -11,6 +11,8 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import gpt2_encoding
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "prepro_tinyshakespeare.py")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -31,14 +33,6 @@ LLMC_SHA256 = {
 }
 
 
-def gpt2_encoding():
-    # GPT-2's tokenizer, to compute expected tokens independently of the script; skip without it
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        pytest.skip(f"tiktoken cannot load the gpt2 encoding (offline without TIKTOKEN_CACHE_DIR?): "
-                    f"{type(e).__name__}")
 
 
 def expected_tokens(enc, text):

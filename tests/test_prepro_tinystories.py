@@ -5,7 +5,6 @@ import json
 import random
 import tarfile
 
-import numpy as np
 import pytest
 
 from helpers import assert_one_error_line, run, token_bytes
